@@ -1,11 +1,12 @@
-"""Render a synthetic COCO-format product dataset (bottles, boxes, cans, shoes, bags) that a detector can learn.
+"""Render a synthetic COCO-format product dataset (bottles, boxes, cans, shoes, bags) for detector training.
 
 Each image is a textured background with 1 to 6 products drawn as recognisable, lightly shaded shapes in
 several colours and sizes, some overlapping or cut by the image border. Every image is rendered from its
 own random generator seeded by (seed, image index), so the output is byte-identical for a given seed
-whatever the worker count. Boxes are the tight box of each object's drawn pixels, clipped to the image;
-an occluded object keeps its full-object box, as in COCO, and placement never hides more than half of an
-object. There are no segmentation masks: `area` is the box area.
+whatever the worker count (given the same numpy and Pillow builds). Boxes are the tight box of each
+object's drawn pixels, clipped to the image; an occluded object keeps its full-object box, as in COCO,
+and placement never hides more than half of an object. There are no segmentation masks: `area` is the
+box area.
 
 Writes OUT/images/000001.jpg ... and OUT/annotations/instances.json (written last, atomically).
 """
@@ -37,12 +38,15 @@ PRODUCT_COLOURS = [
     (200, 30, 40), (30, 90, 190), (30, 150, 70), (240, 190, 30), (240, 120, 20), (120, 50, 160),
     (235, 235, 230), (40, 40, 45), (150, 100, 60), (20, 160, 170), (230, 90, 150), (130, 140, 150),
 ]
-ACCENT_COLOURS = [(250, 250, 250), (20, 20, 20), (220, 180, 40), (200, 30, 40), (30, 90, 190), (190, 190, 200)]
+ACCENT_COLOURS = [
+    (250, 250, 250), (20, 20, 20), (220, 180, 40), (200, 30, 40), (30, 90, 190), (190, 190, 200),
+]
 
 SUPERSAMPLE = 2  # objects are drawn at twice their size and reduced, which anti-aliases their edges
 MIN_VISIBLE_FRACTION = 0.5  # a new object may not hide more than half of one already placed
 ALPHA_VISIBLE = 64  # anti-aliased edge pixels fainter than this are not part of the object or its box
 PLACEMENT_TRIES = 12
+MIN_OBJECT_SIZE = 10  # pixels, long side
 JPEG_QUALITY = 90
 
 
@@ -92,10 +96,12 @@ def _draw_box(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generato
     depth = min(w, h) * rng.uniform(0.18, 0.3)
     draw.rectangle([0, depth, w - depth, h - 1], fill=front)
     draw.polygon([(0, depth), (depth, 0), (w - 1, 0), (w - depth, depth)], fill=_scale(front, 1.3))
-    draw.polygon([(w - depth, depth), (w - 1, 0), (w - 1, h - depth), (w - depth, h - 1)], fill=_scale(front, 0.65))
+    side = [(w - depth, depth), (w - 1, 0), (w - 1, h - depth), (w - depth, h - 1)]
+    draw.polygon(side, fill=_scale(front, 0.65))
     face_w, face_h = w - depth, h - depth
     if rng.random() < 0.5:
-        draw.rectangle([face_w * 0.1, depth + face_h * 0.35, face_w * 0.9, depth + face_h * 0.55], fill=accent)
+        stripe = [face_w * 0.1, depth + face_h * 0.35, face_w * 0.9, depth + face_h * 0.55]
+        draw.rectangle(stripe, fill=accent)
     else:
         r = min(face_w, face_h) * 0.22
         cx, cy = face_w / 2, depth + face_h / 2
@@ -125,12 +131,13 @@ def _draw_bag(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generato
     taper = w * rng.uniform(0.0, 0.1)
     draw.polygon([(taper, body_top), (w - 1 - taper, body_top), (w - 1, h - 1), (0, h - 1)], fill=body)
     handle_w = max(2, int(w * 0.06))
-    draw.arc([w * 0.22, 0, w * 0.78, body_top * 2], start=180, end=360, fill=_scale(body, 0.7), width=handle_w)
+    handle = [w * 0.22, 0, w * 0.78, body_top * 2]
+    draw.arc(handle, start=180, end=360, fill=_scale(body, 0.7), width=handle_w)
+    body_h = h - body_top
     if rng.random() < 0.5:
-        draw.rectangle([taper, body_top, w - 1 - taper, body_top + (h - body_top) * 0.25], fill=_scale(body, 0.85))
+        draw.rectangle([taper, body_top, w - 1 - taper, body_top + body_h * 0.25], fill=_scale(body, 0.85))
     else:
-        draw.rectangle([w * 0.3, body_top + (h - body_top) * 0.4, w * 0.7, body_top + (h - body_top) * 0.6],
-                       fill=accent)
+        draw.rectangle([w * 0.3, body_top + body_h * 0.4, w * 0.7, body_top + body_h * 0.6], fill=accent)
 
 
 # name -> (drawing function, height/width aspect range, shading across the width)
@@ -166,7 +173,7 @@ def _render_product(name: str, w: int, h: int, rng: np.random.Generator) -> np.n
     draw_fn(ImageDraw.Draw(canvas), w * SUPERSAMPLE, h * SUPERSAMPLE, rng)
     rgba = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
     _shade(rgba, shading, rng)
-    if name == "shoe" and rng.random() < 0.5:
+    if name in ("shoe", "box") and rng.random() < 0.5:  # face either way
         rgba = rgba[:, ::-1]
     return rgba.astype(np.uint8)
 
@@ -209,19 +216,25 @@ def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray
 
 
 def _product_size(name: str, short_side: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Log-uniform object size from small (8% of the short side) to large (65%), with a random aspect."""
+    """Log-uniform long side from small (8% of the short side) to large (65%), with a random aspect.
+
+    The long side is at least MIN_OBJECT_SIZE pixels so that tiny images still show recognisable shapes.
+    """
     aspect = rng.uniform(*PRODUCTS[name][1])
-    long_side = short_side * math.exp(rng.uniform(math.log(0.08), math.log(0.65)))
+    long_side = max(MIN_OBJECT_SIZE, short_side * math.exp(rng.uniform(math.log(0.08), math.log(0.65))))
     w, h = (long_side / aspect, long_side) if aspect >= 1 else (long_side, long_side * aspect)
-    return max(4, round(w)), max(4, round(h))
+    return max(3, round(w)), max(3, round(h))
 
 
 def _place(width: int, height: int, w: int, h: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner; one object in six may be cut by the border, keeping at least 60% of each side."""
     if rng.random() < 1 / 6:
-        return int(rng.integers(-int(0.4 * w), width - int(0.6 * w) + 1)), int(
-            rng.integers(-int(0.4 * h), height - int(0.6 * h) + 1))
-    return int(rng.integers(0, max(1, width - w + 1))), int(rng.integers(0, max(1, height - h + 1)))
+        x = rng.integers(-int(0.4 * w), width - int(0.6 * w) + 1)
+        y = rng.integers(-int(0.4 * h), height - int(0.6 * h) + 1)
+    else:
+        x = rng.integers(0, max(1, width - w + 1))
+        y = rng.integers(0, max(1, height - h + 1))
+    return int(x), int(y)
 
 
 def render_image(index: int, image_size: int, seed: int, max_aspect: float) -> tuple[bytes, int, int, list]:
@@ -306,11 +319,10 @@ def write_synthetic_coco(
     gives squares. Refuses an out_dir that already holds images or annotations unless overwrite, which
     removes those two folders first (so no stale images from a bigger earlier run are left behind).
     """
-    if num_images < 1 or image_size < 16 or max_aspect < 1 or num_workers < 1:
-        raise ValueError(
-            f"need num_images >= 1, image_size >= 16, max_aspect >= 1, num_workers >= 1; got {num_images}, "
-            f"{image_size}, {max_aspect}, {num_workers}"
-        )
+    for name, value, least in (("num_images", num_images, 1), ("image_size", image_size, 16),
+                               ("max_aspect", max_aspect, 1), ("num_workers", num_workers, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     out_dir = Path(out_dir)
     images_dir, annotations_dir = out_dir / "images", out_dir / "annotations"
     for existing in (images_dir, annotations_dir):
@@ -338,8 +350,10 @@ def write_synthetic_coco(
                 "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
             })
     coco = {
-        "info": {"description": "synthetic products from data_prep.synth", "seed": seed, "image_size": image_size,
-                 "max_aspect": max_aspect},
+        "info": {
+            "description": "synthetic products from data_prep.synth",
+            "seed": seed, "image_size": image_size, "max_aspect": max_aspect,
+        },
         "images": images,
         "annotations": annotations,
         "categories": CATEGORIES,
@@ -359,7 +373,8 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (images/ and annotations/)")
     parser.add_argument("--num-images", type=_positive_int, default=200)
-    parser.add_argument("--image-size", type=_positive_int, default=256, help="long side of each image in pixels")
+    parser.add_argument("--image-size", type=_positive_int, default=256,
+                        help="long side of each image in pixels")
     parser.add_argument("--max-aspect", type=float, default=1.33,
                         help="largest long/short side ratio of an image; 1 gives square images")
     parser.add_argument("--seed", type=int, default=0)
