@@ -1,0 +1,209 @@
+"""train.evaluate: COCO metrics from fake and real detectors, saved JSON re-scored, 1 vs 2 gloo ranks."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torchvision
+from _evaluate_worker import (
+    CATEGORIES,
+    SAMPLE_SPECS,
+    LocalStrategy,
+    TableDetector,
+    as_batches,
+    ground_truth_answers,
+    make_samples,
+    perfect_detector,
+    rank_parts,
+    run_rank,
+)
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from train.evaluate import METRIC_STATS_INDEX, evaluate, ground_truth_path
+
+
+def run_evaluate(model, samples, out_path=None, **kwargs):
+    return evaluate(model, as_batches(samples, 2), CATEGORIES, LocalStrategy(), "cpu", out_path, **kwargs)
+
+
+def rescore_with_plain_pycocotools(out_path):
+    coco_gt = COCO(str(ground_truth_path(out_path)))
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(out_path)), iouType="bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval.stats
+
+
+def test_perfect_detector_scores_one_and_saves_json_that_rescores_the_same(tmp_path):
+    samples = make_samples()
+    model = perfect_detector(samples)
+    model.train()
+    out_path = tmp_path / "eval" / "val_epoch1.json"
+
+    metrics = run_evaluate(model, samples, out_path)
+
+    assert set(metrics) == set(METRIC_STATS_INDEX)
+    assert all(type(value) is float for value in metrics.values())
+    assert metrics == pytest.approx({name: 1.0 for name in METRIC_STATS_INDEX})
+    assert model.modes_seen and not any(model.modes_seen), "the model must run in eval mode"
+    assert model.training, "evaluate must give the model back in the mode it found it"
+
+    stats = rescore_with_plain_pycocotools(out_path)
+    assert {name: float(stats[index]) for name, index in METRIC_STATS_INDEX.items()} == metrics
+    assert sorted(p.name for p in out_path.parent.iterdir()) == ["val_epoch1.json", "val_epoch1_gt.json"]
+
+    detections = json.loads(out_path.read_text())
+    assert {d["category_id"] for d in detections} == {3, 17, 90}
+    first = next(d for d in detections if d["image_id"] == 101)
+    assert first == {"image_id": 101, "category_id": 3, "bbox": [5.0, 5.0, 10.0, 12.0], "score": 1.0}
+
+    ground_truth = json.loads(ground_truth_path(out_path).read_text())
+    assert [(i["id"], i["height"], i["width"]) for i in ground_truth["images"]] == [
+        (image_id, *size) for image_id, size, _ in SAMPLE_SPECS
+    ]
+    assert ground_truth["categories"] == [{"id": 3, "name": "bottle"}, {"id": 17, "name": "box"},
+                                          {"id": 90, "name": "can"}]
+    by_area = {a["area"]: a for a in ground_truth["annotations"]}
+    assert by_area[900.0]["bbox"] == [30.0, 30.0, 40.0, 40.0]  # the target's area, not the box's 1600
+    assert by_area[4000.0]["iscrowd"] == 1 and by_area[4000.0]["category_id"] == 17
+    assert len({a["id"] for a in ground_truth["annotations"]}) == len(ground_truth["annotations"])
+    assert min(a["id"] for a in ground_truth["annotations"]) >= 1
+
+
+def test_shifted_boxes_lower_ap():
+    samples = make_samples()
+    metrics = run_evaluate(TableDetector(ground_truth_answers(samples, shift=6.0)), samples)
+
+    assert metrics["AP"] < 0.8
+    assert metrics["AP75"] < metrics["AP50"] <= 1.0
+
+
+def test_crowd_regions_are_neither_misses_nor_false_positives():
+    samples = make_samples()
+    hits_crowd_too = TableDetector(ground_truth_answers(samples, include_crowd=True))
+    assert run_evaluate(hits_crowd_too, samples)["AP"] == pytest.approx(1.0)
+
+    # Control: the same crowd box counted as an ordinary object is a miss for the perfect detector.
+    for _, target in samples:
+        target["iscrowd"] = torch.zeros_like(target["iscrowd"])
+    metrics = run_evaluate(perfect_detector(make_samples()), samples)
+    assert metrics["AR100"] < 1.0 and metrics["AP"] < 1.0
+
+
+def test_false_positive_on_an_image_without_annotations_counts():
+    samples = make_samples()
+    answers = ground_truth_answers(samples, score=0.9)
+    empty_index = next(i for i, (_, target) in enumerate(samples) if len(target["boxes"]) == 0)
+    answers[empty_index] = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]),
+                            "labels": torch.tensor([2]), "scores": torch.tensor([1.0])}
+
+    assert run_evaluate(TableDetector(answers), samples)["AP"] < 1.0
+
+
+def test_zero_detections_score_zero_and_still_save(tmp_path):
+    samples = make_samples()
+    nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    out_path = tmp_path / "empty.json"
+
+    metrics = run_evaluate(TableDetector([nothing] * len(samples)), samples, out_path)
+
+    assert metrics == {name: 0.0 for name in METRIC_STATS_INDEX}
+    assert json.loads(out_path.read_text()) == []
+    assert len(json.loads(ground_truth_path(out_path).read_text())["images"]) == len(samples)
+
+
+def test_undefined_area_ranges_are_nan():
+    small_only = [(1, (64, 64), [(4, 4, 14, 14, 1, 0, None)]), (2, (64, 64), [(30, 30, 40, 38, 3, 0, None)])]
+    samples = make_samples(small_only)
+
+    metrics = run_evaluate(perfect_detector(samples), samples)
+
+    assert metrics["AP"] == metrics["AP_small"] == pytest.approx(1.0)
+    assert math.isnan(metrics["AP_medium"]) and math.isnan(metrics["AP_large"])
+
+
+def test_score_threshold_drops_low_scoring_detections(tmp_path):
+    samples = make_samples()
+    answers = ground_truth_answers(samples)
+    low_scoring = {"boxes": torch.tensor([[0.0, 0.0, 9.0, 9.0]]), "labels": torch.tensor([1]),
+                   "scores": torch.tensor([0.01])}
+    answers[0] = {key: torch.cat([value, low_scoring[key]]) for key, value in answers[0].items()}
+
+    run_evaluate(TableDetector(answers), samples, tmp_path / "all.json")
+    run_evaluate(TableDetector(answers), samples, tmp_path / "kept.json", score_threshold=0.05)
+
+    all_scores = [d["score"] for d in json.loads((tmp_path / "all.json").read_text())]
+    kept_scores = [d["score"] for d in json.loads((tmp_path / "kept.json").read_text())]
+    assert len(all_scores) == len(kept_scores) + 1 and min(kept_scores) == 1.0
+
+
+def test_unknown_predicted_label_names_the_image_and_label():
+    samples = make_samples()
+    answers = ground_truth_answers(samples)
+    answers[0] = {**answers[0], "labels": torch.full_like(answers[0]["labels"], 4)}
+
+    with pytest.raises(ValueError, match=r"image 101: prediction label 4 is not in the manifest"):
+        run_evaluate(TableDetector(answers), samples)
+
+
+def test_two_gloo_ranks_give_the_same_metrics_and_files_as_one(tmp_path):
+    samples = make_samples()
+    (tmp_path / "ws1").mkdir()
+    expected = {}
+    for name in rank_parts(samples):
+        expected[name] = run_evaluate(perfect_detector(samples), samples, tmp_path / "ws1" / f"{name}.json")
+        expected[f"{name}_shifted"] = run_evaluate(TableDetector(ground_truth_answers(samples, shift=6.0)), samples)
+    assert expected["unequal_shifted"]["AP"] < 1.0
+
+    mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        assert {key: report[key] for key in expected} == expected
+    for name in rank_parts(samples):
+        assert (tmp_path / f"{name}.json").read_bytes() == (tmp_path / "ws1" / f"{name}.json").read_bytes()
+        assert (tmp_path / f"{name}_gt.json").read_bytes() == (tmp_path / "ws1" / f"{name}_gt.json").read_bytes()
+    # A crash on rank 1 is raised on rank 0 too instead of leaving it waiting in a collective.
+    assert reports[1]["failure"].startswith("IndexError")
+    assert reports[0]["failure"].startswith("RuntimeError: evaluation failed on rank 1: IndexError")
+
+
+def test_real_torchvision_detector_output_flows_through(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=len(CATEGORIES) + 1, box_score_thresh=0.0,
+        min_size=96, max_size=96,
+    )
+    specs = [(7, (96, 96), [(10, 10, 60, 70, 1, 0, None)]), (8, (96, 80), [(5, 20, 40, 90, 3, 0, None)]),
+             (9, (80, 96), [])]
+    samples = [(torch.randint(0, 256, image.shape, dtype=torch.uint8), target)
+               for image, target in make_samples(specs)]
+    out_path = tmp_path / "real.json"
+
+    metrics = evaluate(model, as_batches(samples, 2), CATEGORIES, LocalStrategy(), "cpu", out_path,
+                       amp_dtype=torch.bfloat16)
+
+    assert set(metrics) == set(METRIC_STATS_INDEX) and all(type(v) is float for v in metrics.values())
+    detections = json.loads(out_path.read_text())
+    assert detections, "an untrained detector with box_score_thresh=0 still returns boxes"
+    assert {d["image_id"] for d in detections} <= {7, 8, 9}
+    assert {d["category_id"] for d in detections} <= {3, 17, 90}
+    assert all(len(d["bbox"]) == 4 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0 for d in detections)
+    stats = rescore_with_plain_pycocotools(out_path)
+    assert float(stats[0]) == pytest.approx(metrics["AP"], nan_ok=True)
+
+
+def test_pycocotools_prints_only_the_summary_and_only_when_verbose(capsys):
+    samples = make_samples()
+
+    run_evaluate(perfect_detector(samples), samples)
+    assert capsys.readouterr().out == ""
+
+    run_evaluate(perfect_detector(samples), samples, verbose=True)
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in printed
+    assert "index created" not in printed and "Loading and preparing results" not in printed

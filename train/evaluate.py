@@ -1,0 +1,289 @@
+"""Distributed COCO box evaluation: every rank predicts its part of a split, rank 0 scores the union.
+
+Each rank runs the model on its own batches and turns the outputs into plain Python records (COCO ids,
+xywh boxes), so gathering works on gloo and nothing large stays on the accelerator. Rank 0 de-duplicates the
+gathered records by image id, rebuilds the ground truth from the evaluation targets (crowd boxes included,
+so COCOeval treats them as ignore regions), scores with pycocotools and writes the detections and ground
+truth as JSON that plain pycocotools can re-score. The metrics are broadcast, so every rank returns the same
+dict.
+
+Metrics that COCOeval cannot define (an area range or a whole split without ground truth boxes, where
+pycocotools reports -1) are returned as NaN, so that a chart or a "best AP" comparison never reads them as a
+score. Zero detections are scored as what they are: 0 wherever ground truth exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+# Metric name -> index in COCOeval.stats for the 'bbox' iouType.
+METRIC_STATS_INDEX = {
+    "AP": 0,
+    "AP50": 1,
+    "AP75": 2,
+    "AP_small": 3,
+    "AP_medium": 4,
+    "AP_large": 5,
+    "AR100": 8,
+}
+
+
+class Collectives(Protocol):
+    """The part of train.strategy's strategy object that evaluation uses."""
+
+    is_main: bool
+
+    def all_gather_object(self, obj: Any) -> list: ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+    def barrier(self) -> None: ...
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]],
+    categories: Sequence[Mapping[str, Any]],
+    strategy: Collectives,
+    device: torch.device | str,
+    out_path: Path | None,
+    amp_dtype: torch.dtype | None = None,
+    score_threshold: float = 0.0,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """COCO box metrics of `model` on the union of every rank's `batches`; the same dict on every rank.
+
+    `batches` are this rank's (images, targets) from the evaluation reader: uint8 [3, H, W] images and
+    targets with xyxy `boxes`, contiguous `labels`, `image_id`, `iscrowd` and `area`. `categories` is the
+    manifest's label -> category_id list. When `out_path` is given, rank 0 writes the detections there as a
+    COCO results list and the ground truth to `<stem>_gt.json` beside it. `verbose` prints COCOeval's summary
+    on rank 0. Detections scoring below `score_threshold` are dropped. A failure on any rank is raised on
+    every rank instead of leaving the others waiting in a collective.
+    """
+    label_to_category_id = {int(c["label"]): int(c["category_id"]) for c in categories}
+    device = torch.device(device)
+
+    # A rank that failed alone would leave the others blocked in all_gather until the process group times
+    # out; so every rank reaches the gather, and the failure travels with it.
+    local_error: Exception | None = None
+    try:
+        records = _predict_records(model, batches, label_to_category_id, device, amp_dtype, score_threshold)
+    except Exception as error:
+        local_error, records = error, []
+    gathered = strategy.all_gather_object((records, _describe(local_error)))
+    _raise_if_any_rank_failed(gathered, local_error)
+    records = _unique_by_image_id(rank_records for rank_records, _ in gathered)
+    if not records:
+        raise ValueError("evaluation got no images on any rank: the split is empty or the reader yielded none")
+
+    metrics, scoring_error = None, None
+    if strategy.is_main:
+        try:
+            metrics = _score_and_save(records, categories, out_path, verbose)
+        except Exception as error:
+            scoring_error = error
+    # Rank 0 sends its error instead of metrics, so the other ranks fail with it rather than hang.
+    outcome = strategy.broadcast_object(metrics if scoring_error is None else _describe(scoring_error), src=0)
+    if scoring_error is not None:
+        raise scoring_error
+    if isinstance(outcome, str):
+        raise RuntimeError(f"evaluation failed on rank 0: {outcome}")
+    strategy.barrier()
+    return outcome
+
+
+def _predict_records(
+    model: nn.Module,
+    batches: Iterable,
+    label_to_category_id: Mapping[int, int],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    score_threshold: float,
+) -> list[dict]:
+    """Run the model on this rank's batches; one plain-Python record per image (ground truth + detections)."""
+    # DDP's forward may broadcast buffers, a collective that hangs when ranks hold unequal batch counts;
+    # the wrapped module computes the same thing without talking to other ranks.
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        with torch.inference_mode():
+            for images, targets in batches:
+                inputs = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(inputs)
+                for image, target, output in zip(images, targets, outputs, strict=True):
+                    records.append(
+                        _image_record(image, target, output, label_to_category_id, score_threshold)
+                    )
+    finally:
+        model.train(was_training)
+    return records
+
+
+def _image_record(
+    image: torch.Tensor,
+    target: Mapping[str, Any],
+    output: Mapping[str, torch.Tensor],
+    label_to_category_id: Mapping[int, int],
+    score_threshold: float,
+) -> dict:
+    image_id = int(target["image_id"])
+    height, width = image.shape[-2:]
+    gt_category_ids = _category_ids(target["labels"], label_to_category_id, image_id, "ground truth")
+    ground_truth = [
+        {"category_id": category_id, "bbox": bbox, "iscrowd": int(iscrowd), "area": float(area)}
+        for category_id, bbox, iscrowd, area in zip(
+            gt_category_ids,
+            _xyxy_to_xywh(target["boxes"]),
+            target["iscrowd"].tolist(),
+            target["area"].tolist(),
+            strict=True,
+        )
+    ]
+    keep = output["scores"] >= score_threshold
+    scores = output["scores"][keep].float().cpu().tolist()
+    det_category_ids = _category_ids(output["labels"][keep], label_to_category_id, image_id, "prediction")
+    detections = [
+        {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+        for category_id, bbox, score in zip(
+            det_category_ids, _xyxy_to_xywh(output["boxes"][keep]), scores, strict=True
+        )
+    ]
+    return {
+        "image_id": image_id,
+        "width": int(width),
+        "height": int(height),
+        "ground_truth": ground_truth,
+        "detections": detections,
+    }
+
+
+def _category_ids(
+    labels: torch.Tensor, label_to_category_id: Mapping[int, int], image_id: int, what: str
+) -> list[int]:
+    try:
+        return [label_to_category_id[label] for label in labels.cpu().tolist()]
+    except KeyError as error:
+        raise ValueError(
+            f"image {image_id}: {what} label {error.args[0]} is not in the manifest's categories "
+            f"(labels {sorted(label_to_category_id)}); does the model's num_classes match the manifest?"
+        ) from None
+
+
+def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
+    boxes = boxes.detach().float().cpu().reshape(-1, 4)
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+
+
+def _describe(error: Exception | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_if_any_rank_failed(gathered: list[tuple[list, str | None]], local_error: Exception | None) -> None:
+    if local_error is not None:
+        raise local_error
+    for rank, (_, failure) in enumerate(gathered):
+        if failure is not None:
+            raise RuntimeError(f"evaluation failed on rank {rank}: {failure}")
+
+
+def _unique_by_image_id(per_rank_records: Iterable[list[dict]]) -> list[dict]:
+    """Records in image id order, keeping the first copy of an image that more than one rank read."""
+    by_image_id: dict[int, dict] = {}
+    for records in per_rank_records:
+        for record in records:
+            by_image_id.setdefault(record["image_id"], record)
+    return [by_image_id[image_id] for image_id in sorted(by_image_id)]
+
+
+def _score_and_save(
+    records: list[dict], categories: Sequence[Mapping[str, Any]], out_path: Path | None, verbose: bool
+) -> dict[str, float]:
+    ground_truth = coco_ground_truth(records, categories)
+    detections = [detection for record in records for detection in record["detections"]]
+    if out_path is not None:
+        out_path = Path(out_path)
+        _write_json_atomically(detections, out_path)
+        _write_json_atomically(ground_truth, ground_truth_path(out_path))
+    return score_detections(ground_truth, detections, verbose=verbose)
+
+
+def ground_truth_path(out_path: Path) -> Path:
+    """Where the ground truth of the detections saved at `out_path` goes: `<stem>_gt.json` beside it."""
+    return out_path.with_name(out_path.stem + "_gt.json")
+
+
+def coco_ground_truth(records: list[dict], categories: Sequence[Mapping[str, Any]]) -> dict:
+    """A COCO instances dataset (images, annotations, categories) rebuilt from the evaluation records."""
+    annotations = []
+    for record in records:
+        for annotation in record["ground_truth"]:
+            # Ids start at 1: COCOeval marks an unmatched detection with annotation id 0.
+            annotations.append({"id": len(annotations) + 1, "image_id": record["image_id"], **annotation})
+    return {
+        "info": {"description": "ground truth rebuilt from evaluation shards by train.evaluate"},
+        "images": [{"id": r["image_id"], "width": r["width"], "height": r["height"]} for r in records],
+        "annotations": annotations,
+        "categories": [{"id": int(c["category_id"]), "name": str(c["name"])} for c in categories],
+    }
+
+
+def score_detections(ground_truth: dict, detections: list[dict], verbose: bool = False) -> dict[str, float]:
+    """COCOeval 'bbox' metrics of `detections` (a COCO results list) against a COCO `ground_truth` dict."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(ground_truth)
+        coco_gt.createIndex()
+        coco_dt = _load_results(coco_gt, detections)
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.summarize()
+    return {name: _defined_or_nan(coco_eval.stats[index]) for name, index in METRIC_STATS_INDEX.items()}
+
+
+def _load_results(coco_gt: COCO, detections: list[dict]) -> COCO:
+    if detections:
+        # loadRes adds keys (area, id, segmentation) to the dicts it gets: give it copies.
+        return coco_gt.loadRes([dict(detection) for detection in detections])
+    # loadRes cannot take an empty list; an empty result set scores 0 wherever ground truth exists.
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _defined_or_nan(value: float) -> float:
+    # pycocotools reports -1 where a metric is undefined (no ground truth in that area range).
+    return math.nan if value < 0 else float(value)
+
+
+def _write_json_atomically(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
