@@ -71,7 +71,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _rule(1, min=1)
-    max_steps: int | None = _rule(None, min=1)  # stop after this many optimizer steps in total
+    max_steps: int | None = _rule(None, min=0)  # stop after this many optimizer steps in total (0: build, save)
     amp: str = _rule("off", choices=("off", "bf16", "fp16"))
     max_nonfinite_steps: int = _rule(5, min=1)  # stop after this many non-finite losses in a row
     log_every: int = _rule(10, min=1)

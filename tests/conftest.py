@@ -1,0 +1,27 @@
+"""Shared fixtures: a synthetic product set sharded once per test session (real data_prep output)."""
+
+from pathlib import Path
+
+import pytest
+
+from data_prep.__main__ import main as data_prep_main
+from data_prep.synth import write_synthetic_coco
+
+
+def shard_synthetic_set(root: Path, *, num_images: int, image_size: int, shard_max_count: int) -> Path:
+    """Generate and shard a synthetic set under root; returns the manifest path."""
+    annotations = write_synthetic_coco(root / "synth", num_images=num_images, image_size=image_size, seed=0)
+    out = root / "shards"
+    exit_code = data_prep_main([
+        "shard", "--input", f"{annotations}:{root / 'synth' / 'images'}", "--out", str(out),
+        "--splits", "train=0.7,val=0.15,test=0.15", "--shard-max-count", str(shard_max_count),
+        "--num-workers", "1", "--seed", "0",
+    ])
+    assert exit_code == 0
+    return out / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory) -> Path:
+    """About 60 tiny images in shards of 7 samples, so splits have shards of unequal size."""
+    return shard_synthetic_set(tmp_path_factory.mktemp("small"), num_images=60, image_size=96, shard_max_count=7)

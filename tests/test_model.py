@@ -1,0 +1,155 @@
+"""build_model: every detector builds for our class count; local weights load strictly but for the head."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from train.model import (
+    CLASS_DEPENDENT_PREFIXES,
+    DETECTION_BUILDERS,
+    build_model,
+    load_state_dict_fitting,
+)
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+PREDICTOR_KEYS = {
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.cls_score.bias",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.box_predictor.bbox_pred.bias",
+}
+
+
+def small_model(num_classes: int, seed: int, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model, _ = build_model(SMALL, num_classes, min_size=128, max_size=160, **kwargs)
+    return model
+
+
+def test_coco_style_state_dict_loads_everything_but_the_predictor(tmp_path: Path) -> None:
+    # torchvision's COCO files are 91-class state dicts; ours were trained with BatchNorm (num_batches_tracked
+    # entries) and are loaded into a FrozenBatchNorm model, which has none.
+    coco = small_model(91, seed=0, frozen_batchnorm=False)
+    path = tmp_path / "coco.pth"
+    torch.save(coco.state_dict(), path)
+    torch.manual_seed(1)
+    model, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160)
+
+    source, loaded = coco.state_dict(), model.state_dict()
+    for key, tensor in loaded.items():
+        if key in PREDICTOR_KEYS:
+            assert tensor.shape[0] != source[key].shape[0]
+        else:
+            assert torch.equal(tensor, source[key]), key
+    assert {s.key for s in report.skipped} == PREDICTOR_KEYS
+    cls_score = next(s for s in report.skipped if s.key == "roi_heads.box_predictor.cls_score.weight")
+    assert cls_score.file_shape == (91, 1024) and cls_score.model_shape == (6, 1024)
+    assert report.loaded == len(loaded) - len(PREDICTOR_KEYS)
+    assert report.missing == []
+    text = str(report)
+    assert str(path) in text
+    assert "roi_heads.box_predictor.cls_score.weight file [91, 1024] vs model [6, 1024]" in text
+
+
+def test_our_checkpoint_format_loads_every_tensor(tmp_path: Path) -> None:
+    trained = small_model(6, seed=0)
+    path = tmp_path / "step_00000010.pt"
+    torch.save({"model": trained.state_dict(), "epoch": 3, "step": 10, "world_size": 2}, path)
+    model = small_model(6, seed=1, weights=path)
+
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained.state_dict()[key]), key
+
+
+def test_batchnorm_checkpoint_loads_without_its_counters_into_a_batchnorm_model(tmp_path: Path) -> None:
+    frozen = small_model(6, seed=0, frozen_batchnorm=True)
+    path = tmp_path / "frozen.pth"
+    torch.save(frozen.state_dict(), path)
+    torch.manual_seed(1)
+    model, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160, frozen_batchnorm=False)
+
+    assert report.loaded == len(frozen.state_dict()) and not report.skipped
+    first_bn = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    first_frozen = next(m for m in frozen.backbone.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert torch.equal(first_bn.running_var, first_frozen.running_var)
+
+
+def test_other_architecture_fails_naming_a_key_and_the_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ssd, _ = build_model("ssdlite320_mobilenet_v3_large", 91)
+    path = tmp_path / "ssdlite.pth"
+    torch.save(ssd.state_dict(), path)
+    foreign_keys = set(ssd.state_dict()) - set(small_model(6, seed=0).state_dict())
+
+    with pytest.raises(ValueError, match="unexpected keys") as error:
+        small_model(6, seed=0, weights=path)
+    message = str(error.value)
+    assert str(path) in message
+    assert any(key in message for key in foreign_keys)
+
+
+def test_shape_mismatch_outside_the_class_head_is_an_error(tmp_path: Path) -> None:
+    state = small_model(6, seed=0).state_dict()
+    key = "backbone.fpn.inner_blocks.0.0.weight"
+    state[key] = torch.zeros(7, *state[key].shape[1:])
+    path = tmp_path / "tampered.pth"
+    torch.save(state, path)
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        small_model(6, seed=0, weights=path)
+
+
+def test_missing_file_says_nothing_is_downloaded(tmp_path: Path) -> None:
+    path = tmp_path / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded") as error:
+        build_model(SMALL, 6, weights=path)
+    assert str(path) in str(error.value)
+
+
+def test_file_without_a_state_dict_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.pt"
+    torch.save({"lr": 0.02, "epochs": 3}, path)
+    with pytest.raises(ValueError, match="neither a state dict"):
+        build_model(SMALL, 6, weights=path)
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="fasterrcnn_resnet50_fpn, ") as error:
+        build_model("fasterrcnn_resnet18", 6)
+    assert "ssdlite320_mobilenet_v3_large" in str(error.value)
+
+
+def test_sizes_and_batchnorm_options_reach_the_model() -> None:
+    frozen = small_model(6, seed=0)
+    assert frozen.transform.min_size == (128,) and frozen.transform.max_size == 160
+    assert frozen.roi_heads.box_predictor.cls_score.out_features == 6
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in frozen.backbone.modules())
+    trainable_bn = small_model(6, seed=0, frozen_batchnorm=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in trainable_bn.backbone.modules())
+
+
+@pytest.mark.parametrize("name", sorted(DETECTION_BUILDERS))
+def test_every_detector_skips_only_its_class_head_from_91_to_6_classes(name: str) -> None:
+    # Keys and shapes are all this checks, so the models are built on the meta device (no weight init).
+    with torch.device("meta"):
+        coco, _ = build_model(name, 91, frozen_batchnorm=False)
+        model, _ = build_model(name, 6)
+    report = load_state_dict_fitting(model, coco.state_dict(), source=Path(f"{name}.pth"))
+
+    assert report.skipped, "the class-count head should not fit"
+    assert all(s.key.startswith(CLASS_DEPENDENT_PREFIXES) for s in report.skipped)
+    assert all(s.file_shape != s.model_shape for s in report.skipped)
+    assert report.loaded + len(report.skipped) == len(set(coco.state_dict()) & set(model.state_dict()))
+    assert report.missing == []
+
+
+def test_file_without_the_class_head_reports_it_missing(tmp_path: Path) -> None:
+    state = {k: v for k, v in small_model(6, seed=0).state_dict().items() if k not in PREDICTOR_KEYS}
+    path = tmp_path / "no_head.pth"
+    torch.save(state, path)
+    _, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160)
+    assert sorted(report.missing) == sorted(PREDICTOR_KEYS) and report.loaded == len(state)

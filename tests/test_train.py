@@ -1,0 +1,171 @@
+"""The training entry point for real: torchrun with 2 gloo processes, resume, restart, NaN, strategies."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_overrides(manifest: Path, run_dir: Path) -> list[str]:
+    return [
+        f"data.manifest={manifest}", f"run_dir={run_dir}",
+        "model.name=fasterrcnn_mobilenet_v3_large_320_fpn", "model.min_size=96", "model.max_size=128",
+        "model.frozen_batchnorm=false", "data.batch_size=2", "data.num_workers=0", "optim.lr=0.01",
+        "optim.warmup_steps=2", "optim.schedule=cosine", "train.log_every=2", "train.epochs=2",
+        "eval.every_epochs=1", "wandb.mode=offline",
+    ]
+
+
+def run_training(overrides: list[str], nproc: int = 2, max_restarts: int = 0, check: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc:
+        # --standalone: a c10d store on a free port; with --rdzv-endpoint=localhost:0 a restarted group read the
+        # dead group's gloo addresses and failed to connect (torch 2.14)
+        command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
+                   f"--max-restarts={max_restarts}", "train/main.py"]
+    else:
+        command = [sys.executable, "train/main.py"]
+    result = subprocess.run(command + overrides, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        output = f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        raise AssertionError(f"training failed ({result.returncode}):\n{output}")
+    return result
+
+
+def final_weights_hash(run_dir: Path) -> str:
+    path, state = latest_valid_checkpoint(run_dir)
+    return tensor_hash(state["model"])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(small_manifest, tmp_path_factory):
+    """The reference: 2 processes, 2 epochs, every artefact written."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run_training(tiny_overrides(small_manifest, run_dir) + ["checkpoint.every_steps=3"])
+    return run_dir, result
+
+
+def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
+    run_dir, result = uninterrupted_run
+    assert (run_dir / "config.yaml").exists() and (run_dir / "best.pt").exists()
+    path, state = latest_valid_checkpoint(run_dir)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["progress"]["epoch"] == 2
+    assert {c["category_id"] for c in state["categories"]} == {1, 3, 4, 7, 9}
+    logged = records(run_dir)
+    train = [r for r in logged if r.get("kind") == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train) and train[-1]["images_per_s"] > 0
+    assert {"images_per_s/rank0", "images_per_s/rank1", "data_wait_share", "lr"} <= set(train[-1])
+    evals = [r for r in logged if r.get("kind") == "eval"]
+    assert {r["split"] for r in evals} == {"val", "test"} and all("AP50" in r for r in evals)
+    detections = json.loads((run_dir / "detections_test.json").read_text())
+    assert isinstance(detections, list)
+    wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1
+    dump = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_files[0])],
+                          capture_output=True, text=True, timeout=120)
+    assert dump.returncode == 0, dump.stderr
+    assert "images_per_s" in dump.stdout and '"strategy"' in dump.stdout
+    assert "run directory:" in result.stdout
+
+
+def test_resume_after_a_stop_is_bitwise_identical(uninterrupted_run, small_manifest, tmp_path):
+    reference_dir, _ = uninterrupted_run
+    overrides = tiny_overrides(small_manifest, tmp_path) + ["checkpoint.every_steps=3"]
+    run_training(overrides + ["train.max_steps=4"])  # stops mid-epoch 0
+    assert latest_valid_checkpoint(tmp_path)[1]["progress"]["step"] == 4
+    run_training(overrides)
+    assert final_weights_hash(tmp_path) == final_weights_hash(reference_dir)
+
+
+def test_killed_worker_is_restarted_and_finishes_identically(uninterrupted_run, small_manifest, tmp_path):
+    reference_dir, _ = uninterrupted_run
+    overrides = tiny_overrides(small_manifest, tmp_path) + ["checkpoint.every_steps=3", "debug.fail_at_step=7"]
+    result = run_training(overrides, max_restarts=1)
+    assert "resumed from" in result.stdout
+    assert final_weights_hash(tmp_path) == final_weights_hash(reference_dir)
+
+
+def test_phase_change_under_ddp_keeps_replicas_identical(small_manifest, tmp_path):
+    phases = ("freeze.phases=[{name: heads, start_step: 0, train: [rpn, roi_heads]},"
+              " {name: all, start_step: 3, train: ['*']}]")
+    overrides = tiny_overrides(small_manifest, tmp_path) + [phases, "train.max_steps=6", "checkpoint.every_steps=3",
+                                                            "checkpoint.keep_last=5", "eval.every_epochs=0",
+                                                            "model.frozen_batchnorm=true"]
+    run_training(overrides)
+    at_3 = load_checkpoint(tmp_path / "checkpoint-00000003.pt")
+    at_6 = load_checkpoint(tmp_path / "checkpoint-00000006.pt")
+    events = [r for r in records(tmp_path) if r.get("event") == "phase"]
+    assert [e["phase"] for e in events[:2]] == ["heads", "all"]
+    assert events[0]["trainable_parameters"] < events[1]["trainable_parameters"]
+    body = [k for k in at_3["model"] if k.startswith("backbone.body") and at_3["model"][k].is_floating_point()]
+    initial = run_training_initial_weights(small_manifest, tmp_path / "initial")
+    assert all(torch.equal(at_3["model"][k], initial[k]) for k in body), "frozen weights moved in phase 1"
+    assert any(not torch.equal(at_6["model"][k], at_3["model"][k]) for k in body), "phase 2 did not train the body"
+    assert len(set(at_6["replica_hashes"])) == 1
+
+
+def run_training_initial_weights(manifest: Path, run_dir: Path) -> dict:
+    """The model as built, before any step: a run stopped at step 0 checkpoints it."""
+    overrides = ["train.max_steps=0", "eval.test_at_end=false", "model.frozen_batchnorm=true"]
+    run_training(tiny_overrides(manifest, run_dir) + overrides, nproc=0)
+    return latest_valid_checkpoint(run_dir)[1]["model"]
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(small_manifest, tmp_path):
+    overrides = tiny_overrides(small_manifest, tmp_path / "one") + [
+        "debug.nan_at_step=2", "train.max_steps=4", "eval.every_epochs=0", "eval.test_at_end=false"]
+    run_training(overrides, nproc=0)
+    skipped = [r for r in records(tmp_path / "one") if r.get("event") == "nonfinite_step_skipped"]
+    assert [r["step"] for r in skipped] == [2]
+    overrides = tiny_overrides(small_manifest, tmp_path / "many") + [
+        "debug.nan_at_step=2", "debug.nan_steps=100", "train.max_nonfinite_steps=3", "checkpoint.every_steps=1"]
+    result = run_training(overrides, nproc=0, check=False)
+    assert result.returncode != 0 and "non-finite losses in a row" in result.stderr
+    _, state = latest_valid_checkpoint(tmp_path / "many")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_bad_config_key_fails_before_work(small_manifest, tmp_path):
+    result = run_training(tiny_overrides(small_manifest, tmp_path) + ["optim.lrr=0.1"], nproc=0, check=False)
+    assert result.returncode == 2 and "optim.lrr" in result.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_dp_and_single_train_the_same_config_identically(small_manifest, tmp_path):
+    common = tiny_overrides(small_manifest, tmp_path) + ["train.max_steps=3", "eval.every_epochs=0",
+                                                         "eval.test_at_end=false"]
+    hashes = {}
+    for strategy in ("single", "dp"):
+        run_dir = tmp_path / strategy
+        run_training(common + [f"strategy={strategy}", f"run_dir={run_dir}"], nproc=0)
+        hashes[strategy] = final_weights_hash(run_dir)
+    # without GPUs DataParallel runs the module itself: same data, same batch, same weights
+    assert hashes["single"] == hashes["dp"]
+
+
+def test_unfreezing_under_a_live_ddp_wrapper_is_caught(tmp_path):
+    """The hazard is real (gradients of parameters unfrozen after wrapping are never all-reduced) and the
+    replica check that runs at every checkpoint catches it; re-wrapping, as the trainer does, prevents it."""
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "tests/_drift_worker.py"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rewrap=False: diverged" in result.stdout
+    assert "rewrap=True: identical" in result.stdout

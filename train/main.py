@@ -1,0 +1,145 @@
+"""Train a torchvision detector on data_prep shards.
+
+    torchrun --nproc_per_node=2 train/main.py --config configs/demo_cpu.yaml [dotted.key=value ...]
+    python train/main.py --config configs/demo_cpu.yaml strategy=dp
+
+What happens, in order: the config is resolved (typed defaults, YAML, command line) and checked before any heavy
+work; the strategy sets up the process group (ddp) or not (single, dp); the model is built for the manifest's
+classes and loads local weights; the run resumes from the newest valid checkpoint in the run directory; the
+trainer runs the epochs (phase changes, checkpoints, validation); the test split is evaluated at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from data_prep.manifest import load_manifest
+from train.checkpoint import latest_valid_checkpoint, restore_rng_state
+from train.config import Config, config_to_dict, load_config, save_config
+from train.freezing import validate_schedule
+from train.gpu_stats import GpuStatsSampler
+from train.loop import Progress, Splits, Trainer
+from train.metrics import MetricsLogger
+from train.model import build_model
+from train.optim import build_lr_schedule, build_optimizer, scaled_lr
+from train.shard_reader import samples_per_rank, split_shards
+from train.strategy import Strategy, setup_strategy
+from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file in configs/ (defaults in train/config.py apply without one)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_if_possible(cfg: Config, strategy: Strategy, model, optimizer, lr_schedule, scaler) -> Progress:
+    """Restore everything from the newest valid checkpoint, or start fresh; every rank reads the same file."""
+    found = latest_valid_checkpoint(Path(cfg.run_dir)) if cfg.checkpoint.resume else None
+    if found is None:
+        return Progress()
+    path, state = found
+    progress = Progress(**state["progress"])
+    if state["world_size"] != strategy.world_size:
+        raise RuntimeError(
+            f"{path} was written by a job of world size {state['world_size']}, this one has "
+            f"{strategy.world_size}: the reader position and RNG states are per rank. Resume with the same "
+            "number of processes, or start a new run_dir from it with model.weights."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"][strategy.rank])
+    if strategy.is_main:
+        print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
+    return progress
+
+
+def train(cfg: Config, strategy: Strategy) -> None:
+    run_dir = Path(cfg.run_dir)
+    manifest = load_manifest(cfg.data.manifest)
+    categories = manifest["categories"]
+    splits = Splits(*(split_shards(cfg.data.manifest, name)
+                      for name in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model, weights_report = build_model(
+        cfg.model.name, len(categories) + 1, cfg.model.weights, cfg.model.min_size, cfg.model.max_size,
+        cfg.model.frozen_batchnorm,
+    )
+    validate_schedule(model, cfg.freeze.phases)
+    model.to(strategy.device)
+    seed_everything(cfg.seed + strategy.rank)  # different RPN/ROI sampling draws per rank
+
+    loader_batch = strategy.loader_batch_size(cfg.data.batch_size)
+    global_batch = loader_batch * strategy.world_size * cfg.optim.accumulate_steps
+    batches_per_epoch = -(-samples_per_rank(splits.train, rank=0, world_size=strategy.world_size, training=True)
+                          // loader_batch)
+    steps_per_epoch = -(-batches_per_epoch // cfg.optim.accumulate_steps)
+    optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
+    lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+    scaler = torch.amp.GradScaler(strategy.device.type) if cfg.train.amp == "fp16" else None
+    progress = resume_if_possible(cfg, strategy, model, optimizer, lr_schedule, scaler)
+
+    wandb_run = None
+    gpu_stats = GpuStatsSampler()
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        gpu_stats.start()
+        wandb_run = start_wandb_run(
+            run_dir, config_to_dict(cfg), resolve_wandb_mode(cfg.wandb.mode), cfg.wandb.project, cfg.wandb.group,
+            cfg.wandb.name, {"strategy": strategy.kind, "world_size": strategy.world_size,
+                             "global_batch": global_batch, "gpu_names": gpu_stats.gpu_names()},
+        )
+        print(f"{strategy}; global batch {global_batch}; {steps_per_epoch} steps/epoch\n{weights_report}", flush=True)
+    logger = MetricsLogger(run_dir, enabled=strategy.is_main, wandb_run=wandb_run, gpu_stats=gpu_stats)
+
+    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, categories, logger, progress)
+    try:
+        trainer.fit()
+        if cfg.eval.test_at_end:
+            trainer.evaluate(cfg.data.test_split, splits.test)
+    finally:
+        gpu_stats.stop()
+        logger.close()
+        if wandb_run is not None:
+            finish(wandb_run)
+    if strategy.is_main:
+        print(f"run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  checkpoints: "
+              f"{run_dir}/checkpoint-*.pt, best: {run_dir / 'best.pt'}\n  wandb: "
+              f"{getattr(wandb_run, 'dir', 'disabled')}", flush=True)
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    strategy = setup_strategy(cfg.strategy, cfg.device)
+    train(cfg, strategy)
+    strategy.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
