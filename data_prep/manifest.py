@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_prep.shard_writer import ShardInfo, write_file_atomically
+from data_prep.atomic_io import write_file_atomically
+from data_prep.shard_writer import ShardInfo
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "tool_version", "arguments", "inputs", "categories", "splits")

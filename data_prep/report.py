@@ -10,8 +10,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from data_prep.atomic_io import write_file_atomically
 from data_prep.coco_input import AnnotationRecord, ImageRecord
-from data_prep.shard_writer import write_file_atomically
 
 
 class Report:

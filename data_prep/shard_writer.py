@@ -16,9 +16,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.atomic_io import TEMP_SUFFIX, fsync_directory
+
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
-TEMP_SUFFIX = ".tmp"
 SHARD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-\d{5}\.tar$")
 TAR_BLOCK = 512
 TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
@@ -61,27 +62,6 @@ def remove_stale_outputs(out_dir: Path, keep: set[str]) -> list[str]:
             path.unlink()
             removed.append(path.name)
     return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomically(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -186,7 +166,7 @@ class ShardWriter:
         self._file.close()
         name = self._name()
         os.replace(self._temp_path(), self.out_dir / name)
-        _fsync_dir(self.out_dir)
+        fsync_directory(self.out_dir)
         self.shards.append(ShardInfo(name, self._count, self._hashing.tell(), self._hashing.hexdigest()))
         self._file = self._hashing = self._tar = None
         self._count = self._content_bytes = 0

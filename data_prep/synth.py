@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_prep.atomic_io import write_json_atomically
+
 # Sparse ids, like COCO's, so that the id -> contiguous label mapping downstream is exercised.
 CATEGORIES = [
     {"id": 1, "name": "bottle", "supercategory": "product"},
@@ -295,15 +297,6 @@ def _file_name(index: int) -> str:
     return f"{index + 1:06d}.jpg"
 
 
-def _write_json_atomically(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_synthetic_coco(
     out_dir: str | os.PathLike,
     num_images: int = 200,
@@ -359,7 +352,7 @@ def write_synthetic_coco(
         "categories": CATEGORIES,
     }
     annotations_path = annotations_dir / "instances.json"
-    _write_json_atomically(coco, annotations_path)
+    write_json_atomically(annotations_path, coco, indent=1)
     return annotations_path
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.atomic_io import fsync_directory
+
 BEST_CHECKPOINT_NAME = "best.pt"
 _STEP_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")
 _TEMP_SUFFIX = ".tmp"
@@ -66,15 +68,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +26,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
+
+from data_prep.atomic_io import write_json_atomically
 
 # Metric name -> index in COCOeval.stats for the 'bbox' iouType.
 METRIC_STATS_INDEX = {
@@ -219,8 +219,8 @@ def _score_and_save(
     detections = [detection for record in records for detection in record["detections"]]
     if out_path is not None:
         out_path = Path(out_path)
-        _write_json_atomically(detections, out_path)
-        _write_json_atomically(ground_truth, ground_truth_path(out_path))
+        write_json_atomically(out_path, detections)
+        write_json_atomically(ground_truth_path(out_path), ground_truth)
     return score_detections(ground_truth, detections, verbose=verbose)
 
 
@@ -279,11 +279,4 @@ def _defined_or_nan(value: float) -> float:
     return math.nan if value < 0 else float(value)
 
 
-def _write_json_atomically(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
