@@ -44,6 +44,8 @@ from train.metrics import METRICS_FILE_NAME
 from train.shard_reader import samples_per_rank, split_shards
 
 STRATEGIES = ("single", "dp", "ddp")
+EPOCH_END_CAUTION = ("the timed steps cross an epoch end, so a checkpoint and a new loader are timed; use "
+                     "fewer steps or a larger training split")
 CSV_COLUMNS = (
     "strategy", "devices", "device_type", "global_batch", "per_device_batch", "images_per_s",
     "images_per_s_repeats", "speedup", "efficiency", "data_wait_share", "peak_memory_mb",
@@ -127,7 +129,7 @@ def log_every(warmup: int, steps: int) -> int:
 
 
 # ---- one run ------------------------------------------------------------------------------------------
-def epochs_needed(cfg, case: Case, global_batch: int, total_steps: int) -> int:
+def epochs_needed(cfg: Config, case: Case, global_batch: int, total_steps: int) -> int:
     """Epochs that hold warm-up + timed steps; more than one puts an epoch end (a checkpoint, a new loader)
     inside the timed window."""
     loader_batch = global_batch // case.processes  # dp loads the whole global batch in its one process
@@ -311,8 +313,9 @@ def write_markdown(rows: Sequence[dict], path: Path, setup: dict[str, str], on_g
     lines = ["# Scaling benchmark", ""]
     if not on_gpu:
         lines += [
-            "**CPU figures.** No GPU was visible: the matrix ran on CPU processes (DDP over gloo) to test the "
-            "harness. They say nothing about GPU scaling; run the same command on a GPU machine for those.",
+            "**CPU figures.** No GPU was visible: the matrix ran on CPU processes (DDP over gloo) to test "
+            "the harness. They say nothing about GPU scaling; run the same command on a GPU machine for "
+            "those.",
             "",
         ]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
@@ -374,7 +377,8 @@ def write_plot(rows: Sequence[dict], path: Path, on_gpu: bool) -> None:
     axes.set_xticks(range(1, most + 1))
     axes.set_title("Scaling at a fixed global batch" + ("" if on_gpu else " (CPU figures)"))
     axes.grid(alpha=0.3)
-    axes.legend()
+    if axes.get_legend_handles_labels()[0]:  # nothing to label when every case failed
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -458,12 +462,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def run_case(settings: Settings, case: Case, dry_run: bool) -> Result:
+def run_case(settings: Settings, case: Case, epochs: int, dry_run: bool) -> Result:
     """All repeats of one case, each a fresh training job; stops at the first failed repeat."""
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // case.processes))
-    result = Result(case, settings.global_batch // case.devices, threads)
-    epochs = epochs_needed(settings.cfg, case, settings.global_batch, settings.warmup + settings.steps)
-    result.crosses_epoch_end = epochs > 1
+    result = Result(case, settings.global_batch // case.devices, threads, crosses_epoch_end=epochs > 1)
     env = run_environment(case, settings.gpu_ids, threads)
     for repeat in range(settings.repeats):
         run_dir = settings.bench_dir / case.name / f"r{repeat}"
@@ -484,11 +486,12 @@ def run_case(settings: Settings, case: Case, dry_run: bool) -> Result:
         try:
             if returncode != 0:
                 raise RuntimeError(f"exit {returncode}, see {log_path}")
-            rate, data_wait, peak = timed_window(run_dir, settings.warmup, settings.steps, settings.global_batch)
-        except RuntimeError as error:
+            window = timed_window(run_dir, settings.warmup, settings.steps, settings.global_batch)
+        except (RuntimeError, OSError) as error:  # the run failed, or its metrics do not cover the window
             result.failure = str(error)
             print(f"FAILED: {result.failure}", flush=True)
             break
+        rate, data_wait, peak = window
         result.rates.append(rate)
         result.data_wait_shares.append(data_wait)
         if peak is not None:
@@ -520,10 +523,7 @@ def write_outputs(
     }
     crossing = [result.case.name for result in results if result.crosses_epoch_end]
     if crossing:
-        setup["caution"] = (
-            f"the timed steps of {', '.join(crossing)} cross an epoch end (a checkpoint and a new "
-            "loader are timed): use fewer steps or a larger training split"
-        )
+        setup["caution"] = f"{', '.join(crossing)}: {EPOCH_END_CAUTION}"
     write_csv(rows, args.out / "scaling.csv")
     write_markdown(rows, args.out / "scaling.md", setup, settings.on_gpu)
     write_plot(rows, args.out / "scaling.png", settings.on_gpu)
@@ -538,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_settings(args)
         cases = plan_cases(settings.gpus, settings.on_gpu, args.sweep)
         check_divisible(settings.global_batch, cases)
+        total_steps = settings.warmup + settings.steps
+        epochs = [epochs_needed(settings.cfg, case, settings.global_batch, total_steps) for case in cases]
     except (ValueError, FileNotFoundError) as error:
         print(f"scaling: {error}", file=sys.stderr)
         return 2
@@ -547,7 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    results = [run_case(settings, case, args.dry_run) for case in cases]
+    crossing = [case.name for case, n in zip(cases, epochs, strict=True) if n > 1]
+    if crossing:
+        print(f"scaling: warning: {', '.join(crossing)}: {EPOCH_END_CAUTION}", file=sys.stderr)
+    results = [run_case(settings, case, n, args.dry_run) for case, n in zip(cases, epochs, strict=True)]
     if not args.dry_run:
         write_outputs(settings, results, args, argv)
     return 1 if any(result.failure for result in results) else 0

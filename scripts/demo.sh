@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # The main job end to end on the synthetic default, on the CPU: generate the synthetic product set, shard it,
-# read it back, then train under torchrun with 2 processes (DDP over gloo), evaluate, and say where things are.
+# read it back, train under torchrun with 2 processes (DDP over gloo) with validation and a final test
+# evaluation, then extract the attributes of the test images into SQLite with an annotated sample image.
+# Extra arguments are training config overrides (e.g. train.epochs=1).
 source "$(dirname "$0")/ensure_venv.sh"
 DATA=data/synth
+RUN=runs/demo_cpu
 python -m data_prep synth --out "$DATA/raw" --num-images "${DEMO_IMAGES:-300}" --seed 0 --overwrite
 python -m data_prep shard --input "$DATA/raw/annotations/instances.json:$DATA/raw/images" --out "$DATA/shards" \
   --splits train=0.7,val=0.15,test=0.15 --shard-max-count 32 --overwrite
 python -m train.shard_reader "$DATA/shards/manifest.json"
-torchrun --standalone --nproc_per_node=2 train/main.py --config configs/demo_cpu.yaml "$@"
+torchrun --standalone --nproc_per_node=2 train/main.py --config configs/demo_cpu.yaml run_dir="$RUN" "$@"
+# the final checkpoint (the newest) carries the test metrics that the database records with the model
+checkpoint="$(ls "$RUN"/checkpoint-*.pt | tail -n 1)"
+python -m train.extract "$checkpoint" --manifest "$DATA/shards/manifest.json" --split test \
+  --db "$RUN/attributes.sqlite" --annotate 2 --annotate-dir "$RUN/annotated"
+echo "attribute counts in $RUN/attributes.sqlite:"
+python -m train.extract query "$RUN/attributes.sqlite" --counts
+echo "annotated images: $(ls "$RUN"/annotated/* | tr '\n' ' ')"

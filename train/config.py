@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int = _rule(2, min=0)
     shuffle_buffer: int = _rule(64, min=0)
     hflip_prob: float = _rule(0.5, min=0.0, max=1.0)
+    aspect_ratio_grouping: bool = True  # batch landscape with landscape, portrait with portrait (less padding)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class TrainConfig:
     max_nonfinite_steps: int = _rule(5, min=1)  # stop after this many non-finite losses in a row
     log_every: int = _rule(10, min=1)
     throughput_warmup_steps: int = _rule(2, min=0)  # steps excluded from images/s
+    channels_last: bool = False  # NHWC weights and activations for the convolutions (tensor cores on GPUs)
+    cudnn_benchmark: bool = False  # autotune convolutions per input shape: pays only when shapes repeat
+    compile_backbone: bool = False  # torch.compile the backbone in place (state_dict keys unchanged)
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,7 @@ from train.config import Config, config_to_dict
 from train.evaluate import evaluate
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
-from train.shard_reader import Shard, ShardBatches, make_loader
+from train.shard_reader import Shard, ShardBatches, category_labels, make_loader
 from train.strategy import Strategy
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,6 +89,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
         self.global_batch = self.loader_batch_size * strategy.world_size
+        self.test_metrics: dict[str, float] | None = None  # set after the final test evaluation
         self.model = self._apply_phase(initial=True)
 
     # ---- freezing phases -------------------------------------------------------------------------------------
@@ -199,7 +200,8 @@ class Trainer:
             self.splits.train, batch_size=self.loader_batch_size, seed=cfg.seed, epoch=progress.epoch,
             rank=self.strategy.rank, world_size=self.strategy.world_size, training=True,
             start_sample=progress.samples_in_epoch, shuffle_buffer=cfg.data.shuffle_buffer,
-            hflip_prob=cfg.data.hflip_prob,
+            hflip_prob=cfg.data.hflip_prob, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+            labels=category_labels(self.categories),
         )
         loader = make_loader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
@@ -263,6 +265,7 @@ class Trainer:
             "replica_hashes": replica_hashes,
             "world_size": self.strategy.world_size,
             "categories": self.categories,
+            "test_metrics": self.test_metrics,
             "config": config_to_dict(self.cfg),
             "version": __version__,
         }
@@ -283,7 +286,7 @@ class Trainer:
     def evaluate(self, split: str, shards: list[Shard]) -> dict[str, float]:
         dataset = ShardBatches(
             shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
-            world_size=self.strategy.world_size, training=False,
+            world_size=self.strategy.world_size, training=False, labels=category_labels(self.categories),
         )
         loader = make_loader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         metrics = evaluate(

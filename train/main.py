@@ -84,7 +84,10 @@ def train(cfg: Config, strategy: Strategy) -> None:
         cfg.model.frozen_batchnorm,
     )
     validate_schedule(model, cfg.freeze.phases)
-    model.to(strategy.device)
+    model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    if cfg.train.compile_backbone:
+        model.backbone.compile()  # in place: checkpoints keep their keys
     seed_everything(cfg.seed + strategy.rank)  # different RPN/ROI sampling draws per rank
 
     loader_batch = strategy.loader_batch_size(cfg.data.batch_size)
@@ -115,7 +118,8 @@ def train(cfg: Config, strategy: Strategy) -> None:
     try:
         trainer.fit()
         if cfg.eval.test_at_end:
-            trainer.evaluate(cfg.data.test_split, splits.test)
+            trainer.test_metrics = trainer.evaluate(cfg.data.test_split, splits.test)
+            trainer.save_checkpoint()  # the final checkpoint carries its test metrics (extraction records them)
     finally:
         gpu_stats.stop()
         logger.close()

@@ -10,16 +10,19 @@ gives exact epochs or resume, so this module plans each epoch itself and uses we
    exactly q samples (DDP hangs otherwise) and no sample is read twice. The N % world_size samples at the end
    of the stream are left out of that epoch; since the permutation changes every epoch, a different few are
    left out each time. Evaluation instead splits the manifest order into near-equal ranges that cover it all.
-3. Within a rank the samples go through a shuffle buffer seeded from (seed, epoch, rank), then into batches.
-   The rank's sample order therefore does not depend on the DataLoader worker count.
+3. Within a rank the samples go through a shuffle buffer seeded from (seed, epoch, rank), then into batches;
+   when training, landscape and portrait images are batched separately (as torchvision's GroupedBatchSampler
+   does) so that a batch pads less. The rank's batches therefore do not depend on the DataLoader worker count.
 4. DataLoader workers take batches round-robin (worker w decodes batches w, w+W, ...), which is the order in
    which the DataLoader collects them. Every worker reads the rank's raw tar stream (cheap) but decodes only
    its own batches (the expensive part).
-5. Resuming at sample k of an epoch skips k raw samples of the rank's stream before any decoding and yields
-   exactly what an uninterrupted reader would have yielded from there.
+5. Resuming at sample k of an epoch (a multiple of the batch size) skips k raw samples of the rank's batches
+   before any decoding and yields exactly what an uninterrupted reader would have yielded from there.
 
 Augmentation (horizontal flip) is drawn per sample from (seed, epoch, key), so it is the same whichever worker
-or resume point reads the sample.
+or resume point reads the sample. Training labels come from the original category ids through the class list
+the trainer uses (`category_labels`), so shards of several data_prep outputs, each numbered for its own
+classes, can be read as one set.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def split_shards(manifest_path: str | Path, split: str) -> list[Shard]:
         Shard(manifest_path.parent / entry["file"], int(entry["num_samples"]))
         for entry in manifest["splits"][split]["shards"]
     ]
+
+
+def category_labels(categories: list[dict]) -> dict[int, int]:
+    """category id -> contiguous training label, from a manifest's class list."""
+    return {int(c["category_id"]): int(c["label"]) for c in categories}
 
 
 def rank_segments(
@@ -125,8 +133,40 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> 
     yield from buffer
 
 
-def decode_sample(sample: dict, *, training: bool, hflip: bool) -> tuple[torch.Tensor, dict]:
-    """(uint8 image [3, H, W], target dict) from a raw shard sample; crowd boxes only for evaluation."""
+def _chunks(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _aspect_ratio_batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Batches of landscape-only or portrait-only images; the few left over at the end are batched together."""
+    pending: dict[bool, list[dict]] = {True: [], False: []}
+    for sample in samples:
+        try:
+            meta = json.loads(sample["json"])
+            group = pending[meta["width"] >= meta["height"]]
+        except Exception as error:
+            raise ShardReadError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error!r}") from error
+        group.append(sample)
+        if len(group) == size:
+            yield group.copy()
+            group.clear()
+    yield from _chunks(iter(pending[True] + pending[False]), size)
+
+
+def decode_sample(
+    sample: dict, *, training: bool, hflip: bool, labels: dict[int, int] | None = None
+) -> tuple[torch.Tensor, dict]:
+    """(uint8 image [3, H, W], target dict) from a raw shard sample; crowd boxes only for evaluation.
+
+    `labels` maps category ids to training labels; without it the labels stored in the shard are used.
+    """
     meta = json.loads(sample["json"])
     image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
     annotations = [a for a in meta["annotations"] if not (training and a["iscrowd"])]
@@ -136,7 +176,9 @@ def decode_sample(sample: dict, *, training: bool, hflip: bool) -> tuple[torch.T
         boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0], boxes[:, 3]], 1)
     target = {
         "boxes": boxes,
-        "labels": torch.tensor([a["label"] for a in annotations], dtype=torch.int64),
+        "labels": torch.tensor(
+            [labels[a["category_id"]] if labels else a["label"] for a in annotations], dtype=torch.int64
+        ),
         "image_id": int(meta["image_id"]),
         "iscrowd": torch.tensor([a["iscrowd"] for a in annotations], dtype=torch.int64),
         "area": torch.tensor([a["area"] for a in annotations], dtype=torch.float32),
@@ -160,21 +202,27 @@ class ShardBatches(IterableDataset):
         start_sample: int = 0,
         shuffle_buffer: int = 64,
         hflip_prob: float = 0.5,
+        aspect_ratio_grouping: bool = True,
+        labels: dict[int, int] | None = None,
     ):
         super().__init__()
         self.shards, self.batch_size, self.seed, self.epoch = shards, batch_size, seed, epoch
         self.rank, self.world_size, self.training = rank, world_size, training
         self.start_sample, self.shuffle_buffer, self.hflip_prob = start_sample, shuffle_buffer, hflip_prob
+        self.aspect_ratio_grouping = aspect_ratio_grouping and training
+        self.labels = labels
         self.num_samples = samples_per_rank(shards, rank=rank, world_size=world_size, training=training)
         if not 0 <= start_sample <= self.num_samples:
             raise ValueError(f"start_sample {start_sample} outside this rank's {self.num_samples} samples")
+        if start_sample % batch_size and start_sample != self.num_samples:
+            raise ValueError(f"start_sample {start_sample} is not a multiple of the batch size {batch_size}")
 
     def __len__(self) -> int:
         """Batches left to yield on this rank (the same on every rank when training)."""
         return -(-(self.num_samples - self.start_sample) // self.batch_size)
 
-    def rank_samples(self) -> Iterator[dict]:
-        """This rank's raw samples of the epoch in final order, before the resume skip."""
+    def rank_batches(self) -> Iterator[list[dict]]:
+        """This rank's raw (undecoded) batches of the epoch in final order, before the resume skip."""
         segments = rank_segments(
             self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
             world_size=self.world_size, training=self.training,
@@ -183,7 +231,9 @@ class ShardBatches(IterableDataset):
         if self.training and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}")
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        return samples
+        if self.aspect_ratio_grouping:
+            return _aspect_ratio_batches(samples, self.batch_size)
+        return _chunks(samples, self.batch_size)
 
     def _flip(self, key: str) -> bool:
         return self.training and random.Random(f"flip/{self.seed}/{self.epoch}/{key}").random() < self.hflip_prob
@@ -192,7 +242,9 @@ class ShardBatches(IterableDataset):
         images, targets = [], []
         for sample in raw_batch:
             try:
-                image, target = decode_sample(sample, training=self.training, hflip=self._flip(sample["__key__"]))
+                image, target = decode_sample(
+                    sample, training=self.training, hflip=self._flip(sample["__key__"]), labels=self.labels
+                )
             except Exception as error:
                 raise ShardReadError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error}") from error
             images.append(image)
@@ -202,17 +254,10 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        raw_batch, batch_index = [], 0
-        for position, sample in enumerate(self.rank_samples()):
-            if position < self.start_sample:
-                continue
-            raw_batch.append(sample)
-            if len(raw_batch) == self.batch_size:
-                if batch_index % num_workers == worker_id:
-                    yield self._decode_batch(raw_batch)
-                raw_batch, batch_index = [], batch_index + 1
-        if raw_batch and batch_index % num_workers == worker_id:
-            yield self._decode_batch(raw_batch)
+        skip = self.start_sample // self.batch_size
+        for index, raw_batch in enumerate(self.rank_batches()):
+            if index >= skip and (index - skip) % num_workers == worker_id:
+                yield self._decode_batch(raw_batch)
 
 
 def make_loader(dataset: ShardBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -1,0 +1,262 @@
+"""`python -m train.extract` for real: a checkpoint run over a folder and a shard split into SQLite and
+PostgreSQL, re-runs, a run killed mid-transaction, malformed files, annotated images, torchrun on 2 ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from attributes_helpers import postgres_schema_url, write_checkpoint
+from PIL import Image
+
+from train.extract import CRASH_AT_BATCH_ENV, main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GOOD_IMAGES = 8
+THRESHOLD = "0.2"
+
+DUMP_SQL = """
+    SELECT i.content_sha256, i.source, i.width, i.height, a.detection_index, a.name, a.category_id, a.score,
+           a.x1, a.y1, a.x2, a.y2
+    FROM attributes a JOIN images i ON i.id = a.image_id ORDER BY i.content_sha256, a.detection_index"""
+SKIPPED_SQL = "SELECT source, reason FROM skipped ORDER BY source"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(small_manifest, tmp_path_factory) -> Path:
+    return write_checkpoint(small_manifest, tmp_path_factory.mktemp("model") / "best.pt", test_map=0.25)
+
+
+@pytest.fixture(scope="module")
+def image_folder(small_manifest, tmp_path_factory) -> Path:
+    """8 good images (one a PNG in a subfolder), a file that is no image, a truncated JPEG and a text file."""
+    synth_images = sorted((small_manifest.parent.parent / "synth" / "images").glob("*.jpg"))
+    folder = tmp_path_factory.mktemp("photos")
+    for source in synth_images[: GOOD_IMAGES - 1]:
+        shutil.copy(source, folder / source.name)
+    (folder / "sub").mkdir()
+    Image.open(synth_images[GOOD_IMAGES - 1]).save(folder / "sub" / "converted.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG at all")
+    (folder / "truncated.jpg").write_bytes(synth_images[GOOD_IMAGES].read_bytes()[:400])
+    (folder / "notes.txt").write_text("not an image suffix: ignored, not reported")
+    return folder
+
+
+def extract(checkpoint: Path, db: Path | str, *extra: str) -> int:
+    return main([str(checkpoint), "--db", str(db), "--num-workers", "0", "--batch-size", "2",
+                 "--score-threshold", THRESHOLD, *extra])
+
+
+def query(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(sql, params).fetchall()
+
+
+def assert_consistent(db: Path) -> None:
+    """Integrity holds and every extraction has exactly its attribute rows, every image an extraction."""
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    assert query(db, "PRAGMA foreign_key_check") == []
+    assert query(db, """SELECT e.id FROM extractions e LEFT JOIN attributes a
+                        ON a.model_id = e.model_id AND a.image_id = e.image_id
+                        GROUP BY e.id, e.num_attributes HAVING COUNT(a.id) != e.num_attributes""") == []
+    assert query(db, "SELECT id FROM images WHERE id NOT IN (SELECT image_id FROM extractions)") == []
+
+
+@pytest.fixture(scope="module")
+def folder_run(checkpoint, image_folder, tmp_path_factory):
+    """One extraction over the folder into a fresh SQLite file, annotating the default first 4 inputs."""
+    out = tmp_path_factory.mktemp("folder_run")
+    stdout = io.StringIO()  # module-scoped fixtures cannot use capsys
+    with contextlib.redirect_stdout(stdout):
+        assert extract(checkpoint, out / "attributes.sqlite", "--input", str(image_folder),
+                       "--annotate-dir", str(out / "annotated")) == 0
+    return out / "attributes.sqlite", out / "annotated", stdout.getvalue()
+
+
+def test_folder_run_writes_model_images_and_attributes(folder_run, checkpoint, image_folder):
+    db, _, _ = folder_run
+    [(architecture, class_names, test_map, sha)] = query(
+        db, "SELECT architecture, class_names, test_map, checkpoint_sha256 FROM models")
+    assert architecture == "fasterrcnn_mobilenet_v3_large_320_fpn" and test_map == 0.25
+    assert json.loads(class_names) == ["bottle", "box", "can", "shoe", "bag"]
+    assert len(sha) == 64
+    images = query(db, "SELECT source, width, height FROM images ORDER BY source")
+    expected_names = [f"{n:06d}.jpg" for n in range(1, GOOD_IMAGES)] + ["converted.png"]
+    assert [Path(source).name for source, _, _ in images] == expected_names
+    for source, width, height in images:
+        assert Image.open(source).size == (width, height)
+    attributes = query(db, "SELECT a.name, a.category_id, a.score, a.x1, a.y1, a.x2, a.y2, i.width, i.height "
+                           "FROM attributes a JOIN images i ON i.id = a.image_id")
+    assert len(attributes) > GOOD_IMAGES
+    names = {"bottle": 1, "box": 3, "can": 4, "shoe": 7, "bag": 9}
+    for name, category_id, score, x1, y1, x2, y2, width, height in attributes:
+        assert names[name] == category_id and score >= float(THRESHOLD)
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+    assert query(db, "SELECT COUNT(*) FROM extractions") == [(GOOD_IMAGES,)]
+    assert_consistent(db)
+
+
+def test_malformed_files_are_skipped_and_reported(folder_run):
+    db, _, stdout = folder_run
+    skipped = dict(query(db, "SELECT source, reason FROM skipped"))
+    assert {Path(source).name: reason for source, reason in skipped.items()} == {
+        "broken.jpg": "undecodable", "truncated.jpg": "truncated"}
+    assert f"{GOOD_IMAGES + 2} read, {GOOD_IMAGES} new, 0 already done, 2 skipped" in stdout
+    assert "broken.jpg: undecodable" in stdout and "truncated.jpg: truncated" in stdout
+
+
+def test_annotated_images_are_valid_pngs_of_the_image_size(folder_run):
+    db, annotated, _ = folder_run
+    files = sorted(annotated.iterdir())
+    assert [f.name for f in files] == ["000000_000001.png", "000001_000002.png", "000002_000003.png",
+                                       "000003_000004.png"]
+    sizes = dict(query(db, "SELECT source, width || 'x' || height FROM images"))
+    for file in files:
+        with Image.open(file) as image:
+            image.verify()
+        with Image.open(file) as image:
+            assert image.format == "PNG"
+            source = next(s for s in sizes if Path(s).stem == file.stem.split("_", 1)[1])
+            assert f"{image.width}x{image.height}" == sizes[source]
+            original = Image.open(source).convert("RGB")
+            assert not np.array_equal(np.asarray(image.convert("RGB")), np.asarray(original))  # boxes drawn
+
+
+def test_rerun_adds_nothing(folder_run, checkpoint, image_folder, tmp_path, capsys):
+    db, _, _ = folder_run
+    before = query(db, DUMP_SQL)
+    assert extract(checkpoint, db, "--input", str(image_folder), "--annotate", "0") == 0
+    assert f"{GOOD_IMAGES} already done" in capsys.readouterr().out
+    assert query(db, DUMP_SQL) == before
+    assert query(db, "SELECT COUNT(*) FROM extractions") == [(GOOD_IMAGES,)]
+    assert query(db, "SELECT COUNT(*) FROM models") == [(1,)]
+
+
+def test_query_command(folder_run, image_folder, capsys):
+    db, _, _ = folder_run
+    image = image_folder / "000002.jpg"
+    main(["query", str(db), "--image", str(image)])
+    lines = capsys.readouterr().out.splitlines()
+    expected = query(db, "SELECT COUNT(*) FROM attributes a JOIN images i ON i.id = a.image_id "
+                         "WHERE i.source = ?", (str(image.resolve()),))[0][0]
+    assert lines[0].split("\t")[:5] == ["model_id", "source", "content_sha256", "detection_index", "name"]
+    assert len(lines) - 1 == expected > 0
+    main(["query", str(db), "--counts"])
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sum(int(row[2]) for row in rows) == query(db, "SELECT COUNT(*) FROM attributes")[0][0]
+    name = rows[0][1]
+    main(["query", str(db), "--attribute", name])
+    assert len(capsys.readouterr().out.splitlines()) - 1 == int(rows[0][3])  # one line per image
+
+
+@pytest.fixture(scope="module")
+def val_run(checkpoint, small_manifest, tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("val_run") / "attributes.sqlite"
+    assert extract(checkpoint, db, "--manifest", str(small_manifest), "--split", "val",
+                   "--annotate", "0") == 0
+    return db
+
+
+def test_shard_split_input(val_run, small_manifest):
+    """Every sample of the split is extracted once, keyed as SHARD_FILE/KEY."""
+    split = json.loads(small_manifest.read_text())["splits"]["val"]
+    sources = [source for (source,) in query(val_run, "SELECT source FROM images")]
+    keys = sorted(source.split("/")[1] for source in sources)
+    assert keys == sorted(f"{image_id:012d}" for image_id in split["image_ids"])
+    assert {source.split("/")[0] for source in sources} == {entry["file"] for entry in split["shards"]}
+    assert query(val_run, "SELECT COUNT(*) FROM extractions") == [(split["num_samples"],)]
+    assert query(val_run, "SELECT COUNT(*) FROM attributes")[0][0] > 0
+    assert_consistent(val_run)
+
+
+def test_killed_run_leaves_consistent_db_and_rerun_completes(checkpoint, small_manifest, val_run, tmp_path):
+    db = tmp_path / "attributes.sqlite"
+    command = [sys.executable, "-m", "train.extract", str(checkpoint), "--db", str(db), "--manifest",
+               str(small_manifest), "--split", "val", "--batch-size", "2", "--num-workers", "0",
+               "--score-threshold", THRESHOLD, "--annotate", "0"]
+    env = {**os.environ, CRASH_AT_BATCH_ENV: "3"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    # batches 1 and 2 committed; batch 3 was inserted but its transaction never committed
+    assert query(db, "SELECT COUNT(*) FROM extractions") == [(4,)]
+    assert_consistent(db)
+    assert extract(checkpoint, db, "--manifest", str(small_manifest), "--split", "val",
+                   "--annotate", "0") == 0
+    assert_consistent(db)
+    assert query(db, DUMP_SQL) == query(val_run, DUMP_SQL)
+
+
+def test_torchrun_two_processes_give_the_rows_of_one(checkpoint, image_folder, tmp_path):
+    """Batch size 1, so both runs compute each image alone with one thread: the rows must be equal exactly."""
+    single, double = tmp_path / "single.sqlite", tmp_path / "double.sqlite"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers run
+    try:
+        assert extract(checkpoint, single, "--input", str(image_folder), "--batch-size", "1",
+                       "--annotate", "0") == 0
+    finally:
+        torch.set_num_threads(threads)
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train.extract",
+               str(checkpoint), "--db", str(double), "--input", str(image_folder), "--batch-size", "1",
+               "--num-workers", "0", "--score-threshold", THRESHOLD, "--annotate", "all",
+               "--annotate-dir", str(tmp_path / "annotated")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # one summary, from rank 0, counting both ranks' images
+    [summary] = [line for line in result.stdout.splitlines() if line.startswith("images: ")]
+    assert f"{GOOD_IMAGES + 2} read, {GOOD_IMAGES} new, 0 already done, 2 skipped (on 2 rank(s))" in summary
+    assert query(double, DUMP_SQL) == query(single, DUMP_SQL)
+    assert query(double, SKIPPED_SQL) == query(single, SKIPPED_SQL)
+    assert len(list((tmp_path / "annotated").glob("*.png"))) == GOOD_IMAGES
+    assert_consistent(double)
+
+
+def test_postgresql_end_to_end(checkpoint, image_folder, folder_run, capsys):
+    """The folder run into a real PostgreSQL server gives the SQLite run's rows; a re-run adds nothing."""
+    import psycopg
+
+    sqlite_db, _, _ = folder_run
+    with postgres_schema_url() as url:
+        for _ in range(2):
+            assert extract(checkpoint, url, "--input", str(image_folder), "--annotate", "0") == 0
+        with psycopg.connect(url) as connection:
+            rows = connection.execute(DUMP_SQL).fetchall()
+            skipped = connection.execute(SKIPPED_SQL).fetchall()
+            [(test_map,)] = connection.execute("SELECT test_map FROM models").fetchall()
+        assert [tuple(row) for row in rows] == query(sqlite_db, DUMP_SQL)
+        assert [tuple(row) for row in skipped] == query(sqlite_db, SKIPPED_SQL)
+        assert test_map == 0.25
+        assert f"{GOOD_IMAGES} already done" in capsys.readouterr().out
+        main(["query", url, "--counts"])
+        counted = sum(int(line.split("\t")[2]) for line in capsys.readouterr().out.splitlines()[1:])
+        assert counted == len(rows)
+
+
+def test_missing_input_is_a_clear_error(checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        extract(checkpoint, tmp_path / "a.sqlite", "--input", str(tmp_path / "nowhere"))
+
+
+def test_one_file_with_bf16_autocast_and_no_stored_test_map(small_manifest, image_folder, tmp_path):
+    """A checkpoint without test metrics gives a NULL test_map; bf16 autocast runs (on the CPU here)."""
+    bare = write_checkpoint(small_manifest, tmp_path / "no_test_map.pt")
+    db = tmp_path / "attributes.sqlite"
+    one_file = str(image_folder / "000001.jpg")
+    assert extract(bare, db, "--input", one_file, "--amp", "bf16", "--annotate", "0") == 0
+    assert query(db, "SELECT test_map FROM models") == [(None,)]
+    assert query(db, "SELECT COUNT(*) FROM extractions") == [(1,)]
+    assert query(db, "SELECT COUNT(*) FROM attributes WHERE score >= ?", (float(THRESHOLD),))[0][0] > 0
+    assert_consistent(db)
