@@ -23,8 +23,7 @@ def torchrun(python: str = sys.executable) -> list[str]:
 def standalone_command(
     nproc: int, max_restarts: int, train_args: Sequence[str], python: str = sys.executable
 ) -> list[str]:
-    """One node: --standalone starts a private c10d store on a free port, so jobs on one host never merge and
-    a restarted worker group finds its store again (an endpoint of localhost:0 did not, with torch 2.14)."""
+    """One node: --standalone starts a private c10d store on a free port, so jobs on one host never merge."""
     return [
         *torchrun(python),
         "--standalone",

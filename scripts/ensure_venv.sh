@@ -7,8 +7,9 @@ stamp_want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | c
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp_want" ]; then
   echo "Setting up $VENV (pinned torch/torchvision pair from constraints.txt)..."
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  # this platform's pip configuration warns once per package about its local index; keep the rest visible
+  "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev]" 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" || true; }
   echo "$stamp_want" > "$VENV/.installed"
 fi
 export PATH="$VENV/bin:$PATH"

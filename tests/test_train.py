@@ -31,8 +31,7 @@ def tiny_overrides(manifest: Path, run_dir: Path) -> list[str]:
 def run_training(overrides: list[str], nproc: int = 2, max_restarts: int = 0, check: bool = True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc:
-        # --standalone: a c10d store on a free port; with --rdzv-endpoint=localhost:0 a restarted group read the
-        # dead group's gloo addresses and failed to connect (torch 2.14)
+        # --standalone: a rendezvous store on a free port, so test runs in parallel never meet
         command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
                    f"--max-restarts={max_restarts}", "train/main.py"]
     else:

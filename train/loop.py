@@ -175,26 +175,32 @@ class Trainer:
     def fit(self) -> None:
         cfg, progress = self.cfg, self.progress
         meter = IntervalMeter(warmup_steps=cfg.train.throughput_warmup_steps, device=self.device)
-        while progress.epoch < cfg.train.epochs and not self._reached_max_steps():
-            self._train_epoch(meter)
-            if self._reached_max_steps() and progress.samples_in_epoch > 0:
-                break
-            progress.epoch += 1
-            progress.samples_in_epoch = 0
-            self.model = self._apply_phase()
-            if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
-                metrics = self.evaluate(cfg.data.val_split, self.splits.val)
-                if metrics["AP"] > progress.best_ap:
-                    progress.best_ap = metrics["AP"]
-                    self.save_checkpoint(best=True)
-            self.save_checkpoint()
-        if self._reached_max_steps():
-            self.save_checkpoint()
+        while progress.epoch < cfg.train.epochs:
+            if self._reached_max_steps() or not self._train_epoch(meter):
+                self.save_checkpoint()  # train.max_steps stopped the run inside an epoch
+                return
+            self._finish_epoch()
+            if self._reached_max_steps():
+                return
+
+    def _finish_epoch(self) -> None:
+        """Next epoch's position and phase, validation (best.pt), and the epoch-end checkpoint."""
+        cfg, progress = self.cfg, self.progress
+        progress.epoch += 1
+        progress.samples_in_epoch = 0
+        self.model = self._apply_phase()
+        if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
+            metrics = self.evaluate(cfg.data.val_split, self.splits.val)
+            if metrics["AP"] > progress.best_ap:
+                progress.best_ap = metrics["AP"]
+                self.save_checkpoint(best=True)
+        self.save_checkpoint()
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.progress.step >= self.cfg.train.max_steps
 
-    def _train_epoch(self, meter: IntervalMeter) -> None:
+    def _train_epoch(self, meter: IntervalMeter) -> bool:
+        """Train from the current position; True when the epoch's last sample was consumed."""
         cfg, progress = self.cfg, self.progress
         dataset = ShardBatches(
             self.splits.train, batch_size=self.loader_batch_size, seed=cfg.seed, epoch=progress.epoch,
@@ -232,6 +238,7 @@ class Trainer:
             if self._reached_max_steps():
                 break
             data_start = time.perf_counter()
+        return progress.samples_in_epoch == dataset.num_samples
 
     def _log_interval(self, meter: IntervalMeter) -> None:
         values = meter.summary()
