@@ -26,7 +26,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.synth import write_synthetic_coco
-from train.shard_reader import ShardBatches, iter_raw_samples, make_loader, split_shards
+from train.shard_reader import ShardBatches, ShardLoader, iter_raw_samples, split_shards
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:
@@ -98,7 +98,7 @@ def main() -> None:
 
     def reader(num_workers):
         dataset = ShardBatches(shards, batch_size=args.batch_size, seed=0, epoch=0, training=False)
-        return make_loader(dataset, num_workers=num_workers, pin_memory=False)
+        return ShardLoader(dataset, num_workers=num_workers, pin_memory=False)
 
     def file_per_image(num_workers):
         dataset = FilePerImage(str(images_dir), str(annotations))

@@ -13,15 +13,15 @@ from data_prep.manifest import load_manifest
 from train.shard_reader import (
     Shard,
     ShardBatches,
+    ShardLoader,
     ShardReadError,
     iter_raw_samples,
-    make_loader,
     split_shards,
 )
 
 
 def read_ids(dataset: ShardBatches, num_workers: int) -> list[int]:
-    loader = make_loader(dataset, num_workers=num_workers, pin_memory=False)
+    loader = ShardLoader(dataset, num_workers=num_workers, pin_memory=False)
     return [target["image_id"] for _, targets in loader for target in targets]
 
 
@@ -76,7 +76,7 @@ def test_resume_yields_exactly_the_rest(small_manifest, start_sample):
 
     def batches(start, num_workers):
         dataset = ShardBatches(shards, batch_size=2, seed=5, epoch=2, rank=0, world_size=2, start_sample=start)
-        loader = make_loader(dataset, num_workers=num_workers, pin_memory=False)
+        loader = ShardLoader(dataset, num_workers=num_workers, pin_memory=False)
         return [(t["image_id"], img.sum().item(), t["boxes"].tolist()) for imgs, ts in loader
                 for img, t in zip(imgs, ts, strict=True)]
 

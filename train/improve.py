@@ -60,7 +60,7 @@ from train.evaluate import evaluate
 from train.loop import AMP_DTYPES
 from train.main import seed_everything, train
 from train.model import build_model, load_state_dict_fitting
-from train.shard_reader import ShardBatches, make_loader, split_shards
+from train.shard_reader import ShardBatches, ShardLoader, split_shards
 from train.strategy import Strategy, setup_strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
 
@@ -246,7 +246,7 @@ def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config
     model = ToManifestLabels(model, state["categories"], categories).to(strategy.device)
     dataset = ShardBatches(split_shards(test_manifest, split), batch_size=cfg.data.batch_size, seed=cfg.seed,
                            epoch=0, rank=strategy.rank, world_size=strategy.world_size, training=False)
-    loader = make_loader(dataset, num_workers=cfg.data.num_workers, pin_memory=strategy.device.type == "cuda")
+    loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=strategy.device.type == "cuda")
     return evaluate(model, loader, categories, strategy, strategy.device, out_path=out_path,
                     amp_dtype=AMP_DTYPES[cfg.train.amp], score_threshold=cfg.eval.score_threshold)
 

@@ -23,7 +23,7 @@ from train.config import Config, config_to_dict
 from train.evaluate import evaluate
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
-from train.shard_reader import Shard, ShardBatches, category_labels, make_loader
+from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
 from train.strategy import Strategy
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -209,7 +209,7 @@ class Trainer:
             hflip_prob=cfg.data.hflip_prob, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
             labels=category_labels(self.categories),
         )
-        loader = make_loader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
         micro_batches, accumulated = len(dataset), 0
         data_start = time.perf_counter()
@@ -295,7 +295,7 @@ class Trainer:
             shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
             world_size=self.strategy.world_size, training=False, labels=category_labels(self.categories),
         )
-        loader = make_loader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        loader = ShardLoader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         metrics = evaluate(
             self.model_without_ddp, loader, self.categories, self.strategy, self.device,
             out_path=self.run_dir / f"detections_{split}.json", amp_dtype=self.amp_dtype,
