@@ -260,3 +260,25 @@ def test_one_file_with_bf16_autocast_and_no_stored_test_map(small_manifest, imag
     assert query(db, "SELECT COUNT(*) FROM extractions") == [(1,)]
     assert query(db, "SELECT COUNT(*) FROM attributes WHERE score >= ?", (float(THRESHOLD),))[0][0] > 0
     assert_consistent(db)
+
+
+def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_manifest, tmp_path):
+    """The whole chain: train/main.py trains a few steps and evaluates on test; the final checkpoint carries
+    the test AP, and extraction over the test split records it with the model and writes rows."""
+    from test_train import run_training, tiny_overrides
+
+    from train.checkpoint import latest_valid_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_training(tiny_overrides(small_manifest, run_dir) + ["train.max_steps=3", "eval.every_epochs=0"], nproc=0)
+    checkpoint, state = latest_valid_checkpoint(run_dir)
+    database = tmp_path / "attributes.sqlite"
+    assert main([str(checkpoint), "--manifest", str(small_manifest), "--split", "test", "--db", str(database),
+                 "--score-threshold", "0", "--annotate", "0", "--num-workers", "0"]) == 0
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        (test_map,) = connection.execute("SELECT test_map FROM models").fetchone()
+        images = connection.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        attributes = connection.execute("SELECT COUNT(*) FROM attributes").fetchone()[0]
+    assert test_map == pytest.approx(state["test_metrics"]["AP"])
+    test_ids = json.loads((small_manifest.parent / "manifest.json").read_text())["splits"]["test"]["image_ids"]
+    assert images == len(test_ids) and attributes > 0

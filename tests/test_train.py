@@ -80,6 +80,7 @@ def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
                           capture_output=True, text=True, timeout=120)
     assert dump.returncode == 0, dump.stderr
     assert "images_per_s" in dump.stdout and '"strategy"' in dump.stdout
+    assert "eval/predictions" in dump.stdout  # validation images with predicted boxes
     assert "run directory:" in result.stdout
 
 
@@ -168,3 +169,27 @@ def test_unfreezing_under_a_live_ddp_wrapper_is_caught(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rewrap=False: diverged" in result.stdout
     assert "rewrap=True: identical" in result.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_and_checkpoints_the_fp16_scaler(small_manifest, tmp_path, amp):
+    overrides = tiny_overrides(small_manifest, tmp_path) + [
+        f"train.amp={amp}", "train.max_steps=3", "train.log_every=1", "train.throughput_warmup_steps=0",
+        "eval.every_epochs=0", "eval.test_at_end=false"]
+    run_training(overrides, nproc=0)
+    _, state = latest_valid_checkpoint(tmp_path)
+    assert state["progress"]["step"] == 3
+    assert (state["scaler"] is not None) == (amp == "fp16")
+    losses = [r["loss"] for r in records(tmp_path) if r.get("kind") == "train"]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_gradient_accumulation_under_ddp(small_manifest, tmp_path):
+    overrides = tiny_overrides(small_manifest, tmp_path) + [
+        "optim.accumulate_steps=2", "train.max_steps=2", "eval.every_epochs=0", "eval.test_at_end=false"]
+    run_training(overrides)
+    _, state = latest_valid_checkpoint(tmp_path)
+    progress = state["progress"]
+    # 2 optimizer steps of 2 micro-batches of 2 images on each of 2 ranks
+    assert progress["step"] == 2 and progress["samples_in_epoch"] == 8 and progress["images_seen"] == 16
+    assert len(set(state["replica_hashes"])) == 1

@@ -25,6 +25,7 @@ from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
 from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
 from train.strategy import Strategy
+from train.wandb_run import log_detection_images
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -302,4 +303,24 @@ class Trainer:
             score_threshold=self.cfg.eval.score_threshold,
         )
         self.logger.log_eval(self.progress.step, self.progress.epoch, split, metrics)
+        if split == self.cfg.data.val_split:
+            self._log_validation_images(shards)
         return metrics
+
+    def _log_validation_images(self, shards: list[Shard]) -> None:
+        """The first few validation images with their predicted boxes, to wandb (rank 0, which owns the run)."""
+        count = self.cfg.wandb.log_images
+        if self.logger.wandb_run is None or count == 0:
+            return
+        images, _ = next(iter(ShardBatches(shards, batch_size=count, seed=self.cfg.seed, epoch=0, training=False)))
+        model = self.model_without_ddp
+        model.eval()
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            predictions = model([image.to(self.device).float().div_(255) for image in images])
+        model.train()
+        log_detection_images(
+            self.logger.wandb_run, images, [{k: v.float().cpu() for k, v in p.items()} for p in predictions],
+            {int(c["label"]): c["name"] for c in self.categories}, step=self.progress.step,
+        )

@@ -153,7 +153,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE_NAME
-        self._wandb_run = wandb_run
+        self.wandb_run = wandb_run
         self._gpu_stats = gpu_stats
         self._print = print_fn or (lambda line: print(line, flush=True))
         self._images_seen: int | None = None
@@ -214,13 +214,13 @@ class MetricsLogger:
         self._file.flush()
 
     def _log_wandb(self, step: int, images_seen: int | None, values: dict[str, Any]) -> None:
-        if self._wandb_run is None:
+        if self.wandb_run is None:
             return
         numeric = {key: value for key, value in values.items() if not isinstance(value, str)}
         numeric["step"] = step
         if images_seen is not None:
             numeric["images_seen"] = images_seen
-        self._wandb_run.log(numeric, step=step)
+        self.wandb_run.log(numeric, step=step)
 
 
 def _train_line(step: int, epoch: int, values: Mapping[str, Any]) -> str:
