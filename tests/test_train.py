@@ -193,3 +193,15 @@ def test_gradient_accumulation_under_ddp(small_manifest, tmp_path):
     # 2 optimizer steps of 2 micro-batches of 2 images on each of 2 ranks
     assert progress["step"] == 2 and progress["samples_in_epoch"] == 8 and progress["images_seen"] == 16
     assert len(set(state["replica_hashes"])) == 1
+
+
+def test_channels_last_and_cudnn_benchmark_options_train(small_manifest, tmp_path):
+    """The GPU speed options run on any device (torch.compile of the backbone works too but takes minutes on
+    the CPU, so it is left to the GPU benchmark)."""
+    overrides = tiny_overrides(small_manifest, tmp_path) + [
+        "train.channels_last=true", "train.cudnn_benchmark=true", "train.max_steps=2", "eval.every_epochs=0",
+        "eval.test_at_end=false"]
+    run_training(overrides, nproc=0)
+    _, state = latest_valid_checkpoint(tmp_path)
+    assert state["progress"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
