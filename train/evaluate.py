@@ -105,6 +105,22 @@ def evaluate(
     return outcome
 
 
+def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+            amp_dtype: torch.dtype | None) -> list[dict]:
+    """Detections of an eval-mode model for uint8 [3, H, W] images, on the CPU in float32.
+
+    The images go to the device as uint8 and become float there (4x smaller copies); autocast may leave boxes
+    and scores in bf16, and every consumer (COCO scoring, the database, wandb) wants float32.
+    """
+    if not images:
+        return []
+    inputs = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(inputs)
+    return [{key: (value.float() if value.is_floating_point() else value).cpu() for key, value in out.items()}
+            for out in outputs]
+
+
 def _predict_records(
     model: nn.Module,
     batches: Iterable,
@@ -122,15 +138,10 @@ def _predict_records(
     model.eval()
     records = []
     try:
-        with torch.inference_mode():
-            for images, targets in batches:
-                inputs = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(inputs)
-                for image, target, output in zip(images, targets, outputs, strict=True):
-                    records.append(
-                        _image_record(image, target, output, label_to_category_id, score_threshold)
-                    )
+        for images, targets in batches:
+            outputs = predict(model, images, device, amp_dtype)
+            for image, target, output in zip(images, targets, outputs, strict=True):
+                records.append(_image_record(image, target, output, label_to_category_id, score_threshold))
     finally:
         model.train(was_training)
     return records

@@ -50,6 +50,7 @@ from train.attributes_db import (
     open_database,
 )
 from train.checkpoint import load_checkpoint
+from train.evaluate import predict
 from train.model import build_model
 from train.shard_reader import Shard, iter_raw_samples, rank_segments, split_shards
 from train.strategy import Strategy, setup_strategy
@@ -258,18 +259,6 @@ def rank_steps(detector: Detector, batches: Iterable[list[Loaded]], done: set[st
 
 def _to_annotate(item: Loaded, options: RunOptions) -> bool:
     return options.annotate_limit is None or item.index < options.annotate_limit
-
-
-def predict(model: nn.Module, images: list[torch.Tensor], device: torch.device,
-            amp_dtype: torch.dtype | None) -> list[dict]:
-    if not images:
-        return []
-    inputs = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(inputs)
-    # autocast may leave boxes and scores in bf16: the database gets float32 values
-    return [{key: (value.float() if value.is_floating_point() else value).cpu() for key, value in out.items()}
-            for out in outputs]
 
 
 def to_detections(output: dict, categories: dict[int, tuple[str, int]],

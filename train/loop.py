@@ -20,7 +20,7 @@ from torch import nn
 from data_prep import __version__
 from train.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint, tensor_hash
 from train.config import Config, config_to_dict
-from train.evaluate import evaluate
+from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
 from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
@@ -89,7 +89,6 @@ class Trainer:
         self.device = strategy.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
-        self.global_batch = self.loader_batch_size * strategy.world_size
         self.test_metrics: dict[str, float] | None = None  # set after the final test evaluation
         self.model = self._apply_phase(initial=True)
 
@@ -212,7 +211,7 @@ class Trainer:
         )
         loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
-        micro_batches, accumulated = len(dataset), 0
+        micro_batches, accumulated, window_images = len(dataset), 0, 0
         data_start = time.perf_counter()
         for index, (images, targets) in enumerate(loader):
             meter.data_done(time.perf_counter() - data_start)
@@ -221,14 +220,16 @@ class Trainer:
             last_of_window = accumulated == cfg.optim.accumulate_steps or index == micro_batches - 1
             losses = self._forward_backward(images, targets, sync_gradients=last_of_window)
             progress.samples_in_epoch += len(images)
+            window_images += len(images)
             meter.step_done(losses, images=len(images))
             if not last_of_window:
                 data_start = time.perf_counter()
                 continue
-            accumulated = 0
             finite = self._optimizer_step()
             progress.step += 1
-            progress.images_seen += self.global_batch * cfg.optim.accumulate_steps
+            # every rank's batches have the same sizes (the reader's plan), so this counts the whole job exactly
+            progress.images_seen += window_images * self.strategy.world_size
+            accumulated, window_images = 0, 0
             self._after_nonfinite_step(finite)
             self._maybe_fail()
             if progress.step % cfg.train.log_every == 0:
@@ -313,14 +314,8 @@ class Trainer:
         if self.logger.wandb_run is None or count == 0:
             return
         images, _ = next(iter(ShardBatches(shards, batch_size=count, seed=self.cfg.seed, epoch=0, training=False)))
-        model = self.model_without_ddp
-        model.eval()
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-        ):
-            predictions = model([image.to(self.device).float().div_(255) for image in images])
-        model.train()
-        log_detection_images(
-            self.logger.wandb_run, images, [{k: v.float().cpu() for k, v in p.items()} for p in predictions],
-            {int(c["label"]): c["name"] for c in self.categories}, step=self.progress.step,
-        )
+        self.model_without_ddp.eval()
+        predictions = predict(self.model_without_ddp, images, self.device, self.amp_dtype)
+        self.model_without_ddp.train()
+        log_detection_images(self.logger.wandb_run, images, predictions,
+                             {int(c["label"]): c["name"] for c in self.categories}, step=self.progress.step)
