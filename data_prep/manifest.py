@@ -87,10 +87,15 @@ def load_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def split_entry(manifest: dict, manifest_path: str | Path, split: str) -> dict:
+    """The manifest's record of one split; the error names the manifest and the splits it has."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"{manifest_path}: no split '{split}' (has {sorted(manifest['splits'])})")
+    return manifest["splits"][split]
+
+
 def shard_paths(manifest_path: str | Path, split: str) -> list[Path]:
     """The split's shard files, resolved relative to the manifest's directory."""
     manifest_path = Path(manifest_path)
-    splits = load_manifest(manifest_path)["splits"]
-    if split not in splits:
-        raise ValueError(f"{manifest_path}: no split '{split}' (has {sorted(splits)})")
-    return [manifest_path.parent / shard["file"] for shard in splits[split]["shards"]]
+    entry = split_entry(load_manifest(manifest_path), manifest_path, split)
+    return [manifest_path.parent / shard["file"] for shard in entry["shards"]]

@@ -81,7 +81,6 @@ def main(out_dir: Path) -> None:
         "max_difference_to_reference": max_difference_to_reference,
         "gathered": strategy.all_gather_object({"rank": strategy.rank, "name": f"r{strategy.rank}"}),
         "broadcast": strategy.broadcast_object({"run_id": f"from-rank-{strategy.rank}"}, src=0),
-        "reduced": strategy.all_reduce_sum(torch.tensor([strategy.rank + 1.0])).tolist(),
         "str": str(strategy),
     }
     (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(result))

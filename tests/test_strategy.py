@@ -186,8 +186,6 @@ def test_auto_without_torchrun_is_single_with_local_collectives(no_torchrun_env)
     assert strategy.wrap(model) is model and strategy.unwrap(model) is model
     assert strategy.all_gather_object({"a": 1}) == [{"a": 1}]
     assert strategy.broadcast_object("x") == "x"
-    tensor = torch.tensor([2.0])
-    assert strategy.all_reduce_sum(tensor) is tensor and tensor.item() == 2.0
     strategy.barrier()
     strategy.teardown()
 
@@ -231,6 +229,5 @@ def test_ddp_under_torchrun_keeps_two_ranks_identical(tmp_path: Path) -> None:
         assert result["data_hashes"][0] != result["data_hashes"][1]
         assert result["gathered"] == [{"rank": 0, "name": "r0"}, {"rank": 1, "name": "r1"}]
         assert result["broadcast"] == {"run_id": "from-rank-0"}
-        assert result["reduced"] == [3.0]
     assert ranks[0]["initial_hash"] != ranks[1]["initial_hash"]
     assert ranks[0]["final_hashes"] == ranks[1]["final_hashes"]

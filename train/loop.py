@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from data_prep import __version__
-from train.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint, tensor_hash
+from train.checkpoint import (
+    best_checkpoint_path,
+    capture_rng_state,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoint_path,
+    tensor_hash,
+)
 from train.config import Config, config_to_dict
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
@@ -285,11 +292,12 @@ class Trainer:
         if self.strategy.is_main:
             if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
                 raise NonFiniteLossError("refusing to write a checkpoint with non-finite weights")
-            name = "best.pt" if best else f"checkpoint-{self.progress.step:08d}.pt"
-            save_checkpoint(state, self.run_dir / name)
+            step = self.progress.step
+            path = best_checkpoint_path(self.run_dir) if best else step_checkpoint_path(self.run_dir, step)
+            save_checkpoint(state, path)
             if not best:
                 prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
-                self.logger.log_event("checkpoint", step=self.progress.step, path=str(self.run_dir / name))
+                self.logger.log_event("checkpoint", step=self.progress.step, path=str(path))
         self.strategy.barrier()
 
     def evaluate(self, split: str, shards: list[Shard]) -> dict[str, float]:

@@ -39,7 +39,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_prep.manifest import load_manifest
+from data_prep.manifest import load_manifest, split_entry
 
 
 class ShardReadError(RuntimeError):
@@ -63,13 +63,8 @@ class Segment:
 
 def split_shards(manifest_path: str | Path, split: str) -> list[Shard]:
     manifest_path = Path(manifest_path)
-    manifest = load_manifest(manifest_path)
-    if split not in manifest["splits"]:
-        raise ValueError(f"{manifest_path}: no split '{split}' (has {sorted(manifest['splits'])})")
-    return [
-        Shard(manifest_path.parent / entry["file"], int(entry["num_samples"]))
-        for entry in manifest["splits"][split]["shards"]
-    ]
+    entry = split_entry(load_manifest(manifest_path), manifest_path, split)
+    return [Shard(manifest_path.parent / shard["file"], int(shard["num_samples"])) for shard in entry["shards"]]
 
 
 def category_labels(categories: list[dict]) -> dict[int, int]:

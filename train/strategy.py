@@ -95,12 +95,6 @@ class Strategy:
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum tensor over ranks in place and return it; the tensor must be on `device` (gloo: CPU)."""
-        if self.kind == "ddp":
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
     def teardown(self) -> None:
         """End the process group on the success path; drop every reference to the wrapped model first.
 
