@@ -50,6 +50,7 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
 from launch.torchrun import TRAIN_SCRIPT
+from train.config import ModelConfig
 from train.loop import AMP_DTYPES
 from train.metrics import METRICS_FILE_NAME
 from train.model import build_model
@@ -283,8 +284,8 @@ def run_baseline(settings: Settings, data: BenchData) -> dict:
     )
 
     torch.manual_seed(SEED)  # as ours does before building, so both start from the same weights
-    model, _ = build_model(settings.model, len(categories) + 1, settings.weights, settings.min_size,
-                           settings.max_size, frozen_batchnorm=True)
+    model, _ = build_model(ModelConfig(settings.model, weights=settings.weights, min_size=settings.min_size,
+                                       max_size=settings.max_size, frozen_batchnorm=True), len(categories) + 1)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)

@@ -31,7 +31,7 @@ def write_checkpoint(manifest: Path, path: Path, test_map: float | None = None) 
     cfg = load_config(None, [f"data.manifest={manifest}", f"model.name={MODEL_NAME}", "model.min_size=96",
                              "model.max_size=128", "model.frozen_batchnorm=false"])
     torch.manual_seed(0)
-    model, _ = build_model(MODEL_NAME, len(categories) + 1, None, 96, 128, frozen_batchnorm=False)
+    model, _ = build_model(cfg.model, len(categories) + 1)
     for layer in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):
         torch.nn.init.normal_(layer.weight, std=0.2)
     torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=1.0)

@@ -5,7 +5,10 @@ import torch
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
 from train.class_growth import grow_state_dict, label_mapping, needs_growth, union_categories
+from train.config import ModelConfig
 from train.model import build_model
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 # data_prep numbers labels in order of category id: the new "can" (id 4) pushes shoe and bag up by one.
 OLD = [{"label": 1, "category_id": 1, "name": "bottle"}, {"label": 2, "category_id": 3, "name": "box"},
@@ -22,8 +25,8 @@ def test_union_is_labelled_in_order_of_category_id_and_maps_old_labels_by_id():
 
 def test_faster_rcnn_predictor_keeps_each_class_row_by_category_id():
     torch.manual_seed(0)
-    old_model, _ = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", len(OLD) + 1, frozen_batchnorm=False)
-    new_model, _ = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", len(NEW) + 1, frozen_batchnorm=False)
+    old_model, _ = build_model(ModelConfig(SMALL, frozen_batchnorm=False), len(OLD) + 1)
+    new_model, _ = build_model(ModelConfig(SMALL, frozen_batchnorm=False), len(NEW) + 1)
     old_state, fresh_state = old_model.state_dict(), new_model.state_dict()
 
     grown, report = grow_state_dict(old_state, fresh_state, OLD, NEW, "fasterrcnn_mobilenet_v3_large_320_fpn")

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.ops import FrozenBatchNorm2d
 
-from train.config import FreezePhase, load_config
+from train.config import FreezePhase, ModelConfig, load_config
 from train.freezing import apply_phase, freeze_batchnorm, matches, phase_at, validate_schedule
 from train.model import build_model
 
@@ -221,7 +221,7 @@ def test_frozen_batchnorm_statistics_do_not_move_in_training():
 
 @cache
 def model_for(name: str, frozen_batchnorm: bool) -> nn.Module:
-    model, _ = build_model(name, NUM_CLASSES, weights=None, frozen_batchnorm=frozen_batchnorm)
+    model, _ = build_model(ModelConfig(name, frozen_batchnorm=frozen_batchnorm), NUM_CLASSES)
     return model
 
 

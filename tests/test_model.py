@@ -7,11 +7,13 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from train.config import BuilderKwargs, ModelConfig, config_to_dict, load_config
 from train.model import (
     CLASS_DEPENDENT_PREFIXES,
     DETECTION_BUILDERS,
     build_model,
     load_state_dict_fitting,
+    trained_model_config,
 )
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -25,7 +27,7 @@ PREDICTOR_KEYS = {
 
 def small_model(num_classes: int, seed: int, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model, _ = build_model(SMALL, num_classes, min_size=128, max_size=160, **kwargs)
+    model, _ = build_model(ModelConfig(SMALL, min_size=128, max_size=160, **kwargs), num_classes)
     return model
 
 
@@ -36,7 +38,7 @@ def test_coco_style_state_dict_loads_everything_but_the_predictor(tmp_path: Path
     path = tmp_path / "coco.pth"
     torch.save(coco.state_dict(), path)
     torch.manual_seed(1)
-    model, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160)
+    model, report = build_model(ModelConfig(SMALL, weights=path, min_size=128, max_size=160), 6)
 
     source, loaded = coco.state_dict(), model.state_dict()
     for key, tensor in loaded.items():
@@ -69,7 +71,7 @@ def test_batchnorm_checkpoint_loads_without_its_counters_into_a_batchnorm_model(
     path = tmp_path / "frozen.pth"
     torch.save(frozen.state_dict(), path)
     torch.manual_seed(1)
-    model, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160, frozen_batchnorm=False)
+    model, report = build_model(ModelConfig(SMALL, weights=path, min_size=128, max_size=160, frozen_batchnorm=False), 6)
 
     assert report.loaded == len(frozen.state_dict()) and not report.skipped
     first_bn = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
@@ -79,7 +81,7 @@ def test_batchnorm_checkpoint_loads_without_its_counters_into_a_batchnorm_model(
 
 def test_other_architecture_fails_naming_a_key_and_the_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    ssd, _ = build_model("ssdlite320_mobilenet_v3_large", 91)
+    ssd, _ = build_model(ModelConfig("ssdlite320_mobilenet_v3_large"), 91)
     path = tmp_path / "ssdlite.pth"
     torch.save(ssd.state_dict(), path)
     foreign_keys = set(ssd.state_dict()) - set(small_model(6, seed=0).state_dict())
@@ -105,7 +107,7 @@ def test_shape_mismatch_outside_the_class_head_is_an_error(tmp_path: Path) -> No
 def test_missing_file_says_nothing_is_downloaded(tmp_path: Path) -> None:
     path = tmp_path / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
     with pytest.raises(FileNotFoundError, match="nothing is downloaded") as error:
-        build_model(SMALL, 6, weights=path)
+        build_model(ModelConfig(SMALL, weights=path), 6)
     assert str(path) in str(error.value)
 
 
@@ -113,12 +115,12 @@ def test_file_without_a_state_dict_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "config.pt"
     torch.save({"lr": 0.02, "epochs": 3}, path)
     with pytest.raises(ValueError, match="neither a state dict"):
-        build_model(SMALL, 6, weights=path)
+        build_model(ModelConfig(SMALL, weights=path), 6)
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="fasterrcnn_resnet50_fpn, ") as error:
-        build_model("fasterrcnn_resnet18", 6)
+        build_model(ModelConfig("fasterrcnn_resnet18"), 6)
     assert "ssdlite320_mobilenet_v3_large" in str(error.value)
 
 
@@ -136,8 +138,8 @@ def test_sizes_and_batchnorm_options_reach_the_model() -> None:
 def test_every_detector_skips_only_its_class_head_from_91_to_6_classes(name: str) -> None:
     # Keys and shapes are all this checks, so the models are built on the meta device (no weight init).
     with torch.device("meta"):
-        coco, _ = build_model(name, 91, frozen_batchnorm=False)
-        model, _ = build_model(name, 6)
+        coco, _ = build_model(ModelConfig(name, frozen_batchnorm=False), 91)
+        model, _ = build_model(ModelConfig(name), 6)
     report = load_state_dict_fitting(model, coco.state_dict(), source=Path(f"{name}.pth"))
 
     assert report.skipped, "the class-count head should not fit"
@@ -151,5 +153,30 @@ def test_file_without_the_class_head_reports_it_missing(tmp_path: Path) -> None:
     state = {k: v for k, v in small_model(6, seed=0).state_dict().items() if k not in PREDICTOR_KEYS}
     path = tmp_path / "no_head.pth"
     torch.save(state, path)
-    _, report = build_model(SMALL, 6, weights=path, min_size=128, max_size=160)
+    _, report = build_model(ModelConfig(SMALL, weights=path, min_size=128, max_size=160), 6)
     assert sorted(report.missing) == sorted(PREDICTOR_KEYS) and report.loaded == len(state)
+
+
+def test_builder_kwargs_reach_the_detector_and_resize_the_box_head() -> None:
+    cfg = load_config(None, ["model.name=" + SMALL, "model.builder_kwargs.box_batch_size_per_image=64",
+                             "model.builder_kwargs.rpn_post_nms_top_n_train=300",
+                             "model.builder_kwargs.representation_size=128"])
+    model, _ = build_model(cfg.model, 6)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert model.rpn._post_nms_top_n["training"] == 300
+    assert model.roi_heads.box_head.fc7.out_features == 128
+    assert model.roi_heads.box_predictor.cls_score.weight.shape == (6, 128)
+    # a checkpoint of that model rebuilds as it was trained, and its state dict loads strictly
+    state = {"config": config_to_dict(cfg), "model": model.state_dict()}
+    rebuilt, _ = build_model(trained_model_config(state, "run/checkpoint.pt"), 6)
+    rebuilt.load_state_dict(state["model"])
+
+
+def test_builder_kwargs_the_model_does_not_take_are_a_config_error() -> None:
+    cfg = ModelConfig("retinanet_resnet50_fpn", builder_kwargs=BuilderKwargs(box_batch_size_per_image=64))
+    with pytest.raises(ValueError, match=r"model.builder_kwargs.box_batch_size_per_image does not apply to "
+                                         r"retinanet_resnet50_fpn"):
+        build_model(cfg, 6)
+    cfg = ModelConfig("retinanet_resnet50_fpn", builder_kwargs=BuilderKwargs(representation_size=128))
+    with pytest.raises(ValueError, match="representation_size applies to Faster R-CNN"):
+        build_model(cfg, 6)

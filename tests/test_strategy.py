@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.config import ModelConfig
 from train.model import build_model
 from train.strategy import (
     ListDataParallel,
@@ -62,7 +63,7 @@ def targets_for(images: list[torch.Tensor]) -> list[dict]:
 
 def small_detector(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model, _ = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 4, min_size=96, max_size=128)
+    model, _ = build_model(ModelConfig("fasterrcnn_mobilenet_v3_large_320_fpn", min_size=96, max_size=128), 4)
     return model
 
 

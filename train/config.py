@@ -41,12 +41,40 @@ class DataConfig:
 
 
 @dataclass
+class BuilderKwargs:
+    """Keyword arguments for the torchvision detector builder; None keeps the builder's own default.
+
+    Most apply to the Faster R-CNN family only (train/model.py rejects one the chosen model does not take).
+    `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), which its
+    builders do not take as an argument: train/model.py replaces the head instead.
+    """
+
+    rpn_pre_nms_top_n_train: int | None = _rule(None, min=1)
+    rpn_post_nms_top_n_train: int | None = _rule(None, min=1)
+    rpn_pre_nms_top_n_test: int | None = _rule(None, min=1)
+    rpn_post_nms_top_n_test: int | None = _rule(None, min=1)
+    rpn_batch_size_per_image: int | None = _rule(None, min=1)  # anchors sampled per image for the RPN loss
+    rpn_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
+    box_batch_size_per_image: int | None = _rule(None, min=1)  # proposals sampled per image for the box head
+    box_positive_fraction: float | None = _rule(None, min=0.0, max=1.0)
+    box_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
+    box_nms_thresh: float | None = _rule(None, min=0.0, max=1.0)
+    box_detections_per_img: int | None = _rule(None, min=1)
+    representation_size: int | None = _rule(None, min=1)
+
+    def given(self) -> dict[str, int | float]:
+        """The arguments that were set, by name."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "fasterrcnn_resnet50_fpn"
     weights: str | None = None  # local file: a torchvision COCO checkpoint or one of ours; None = scratch
     min_size: int = _rule(800, min=1)
     max_size: int = _rule(1333, min=1)
     frozen_batchnorm: bool = True
+    builder_kwargs: BuilderKwargs = field(default_factory=BuilderKwargs)
 
 
 @dataclass
@@ -206,6 +234,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     for override in overrides:
         cfg = _merge(Config, _parse_override(override), COMMAND_LINE, "", cfg)
     return cfg
+
+
+def model_config_from_dict(saved: dict[str, Any], source: str) -> ModelConfig:
+    """The `model` section of a saved config (a checkpoint's); keys it predates take today's defaults."""
+    return _merge(ModelConfig, saved, source, "model.")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from train.attributes_db import (
 )
 from train.checkpoint import load_checkpoint
 from train.evaluate import predict
-from train.model import build_model
+from train.model import build_model, trained_model_config
 from train.shard_reader import Shard, iter_raw_samples, rank_segments, split_shards
 from train.strategy import Strategy, setup_strategy
 
@@ -80,16 +80,15 @@ def load_detector(path: Path, score_threshold: float, max_detections: int) -> De
     missing = [key for key in ("model", "categories", "config") if key not in state]
     if missing:
         raise ValueError(f"{path}: not a train/main.py checkpoint (missing {', '.join(missing)})")
-    model_cfg = state["config"]["model"]
+    model_cfg = trained_model_config(state, path)
     categories = {int(c["label"]): (str(c["name"]), int(c["category_id"])) for c in state["categories"]}
-    model, _ = build_model(model_cfg["name"], len(categories) + 1, None, model_cfg["min_size"],
-                           model_cfg["max_size"], model_cfg.get("frozen_batchnorm", True))
+    model, _ = build_model(model_cfg, len(categories) + 1)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit model {model_cfg['name']}: {error}") from error
+        raise ValueError(f"{path}: weights do not fit model {model_cfg.name}: {error}") from error
     limit_detections(model, score_threshold, max_detections)
-    return Detector(model.eval(), model_cfg["name"], categories, stored_test_map(state))
+    return Detector(model.eval(), model_cfg.name, categories, stored_test_map(state))
 
 
 def stored_test_map(state: dict) -> float | None:

@@ -59,7 +59,7 @@ from train.data_union import write_union_manifest
 from train.evaluate import evaluate
 from train.loop import AMP_DTYPES
 from train.main import seed_everything, train
-from train.model import build_model, load_state_dict_fitting
+from train.model import build_model, load_state_dict_fitting, trained_model_config
 from train.shard_reader import ShardBatches, ShardLoader, split_shards
 from train.strategy import Strategy, setup_strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
@@ -186,12 +186,11 @@ def write_round_inputs(args: argparse.Namespace, base: dict, plan: RoundPlan) ->
 
 def write_grown_base(base: dict, categories: list[dict], path: Path, seed: int, source: Path) -> None:
     """The base in the shape of `categories`; new classes get the fresh initialisation of a seeded model."""
-    model_cfg = base["config"]["model"]
+    model_cfg = trained_model_config(base, source)
     seed_everything(seed)
-    fresh, _ = build_model(model_cfg["name"], len(categories) + 1, None, model_cfg["min_size"],
-                           model_cfg["max_size"], model_cfg["frozen_batchnorm"])
+    fresh, _ = build_model(model_cfg, len(categories) + 1)
     grown, report = grow_state_dict(base["model"], fresh.state_dict(), base["categories"], categories,
-                                    architecture=model_cfg["name"])
+                                    architecture=model_cfg.name)
     save_checkpoint({"model": grown, "categories": categories, "config": base["config"],
                      "grown_from": str(source)}, path)
     print(f"{report}; wrote {path}", flush=True)
@@ -236,9 +235,7 @@ def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config
                         out_path: Path) -> dict[str, float]:
     """COCO metrics of a checkpoint on a manifest split, the model built as it was trained (its config)."""
     state = load_model_checkpoint(path)
-    model_cfg = state["config"]["model"]
-    model, _ = build_model(model_cfg["name"], len(state["categories"]) + 1, None, model_cfg["min_size"],
-                           model_cfg["max_size"], model_cfg["frozen_batchnorm"])
+    model, _ = build_model(trained_model_config(state, path), len(state["categories"]) + 1)
     report = load_state_dict_fitting(model, state["model"], source=path)
     if report.skipped or report.missing:
         raise ValueError(f"{path}: its head does not fit its own class list ({report})")

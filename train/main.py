@@ -79,10 +79,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
                       for name in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, weights_report = build_model(
-        cfg.model.name, len(categories) + 1, cfg.model.weights, cfg.model.min_size, cfg.model.max_size,
-        cfg.model.frozen_batchnorm,
-    )
+    model, weights_report = build_model(cfg.model, len(categories) + 1)
     validate_schedule(model, cfg.freeze.phases)
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark

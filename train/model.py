@@ -10,6 +10,8 @@ trains to a worse model without any error.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ import torch
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+from train.config import ModelConfig, model_config_from_dict
 from train.freezing import freeze_batchnorm
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,12 @@ DETECTION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fcos_resnet50_fpn": detection.fcos_resnet50_fpn,
     "ssd300_vgg16": detection.ssd300_vgg16,
     "ssdlite320_mobilenet_v3_large": detection.ssdlite320_mobilenet_v3_large,
+}
+
+DETECTOR_CLASSES: dict[str, type[nn.Module]] = {
+    name: {"fasterrcnn": detection.FasterRCNN, "retinanet": detection.RetinaNet, "fcos": detection.FCOS,
+           "ssd300": detection.ssd.SSD, "ssdlite320": detection.ssd.SSD}[name.split("_")[0]]
+    for name in DETECTION_BUILDERS
 }
 
 # SSD models resize every image to a fixed square (300 or 320 px) and take no min_size/max_size.
@@ -77,36 +87,68 @@ class WeightsReport:
         )
 
 
-def build_model(
-    name: str,
-    num_classes: int,
-    weights: str | Path | None = None,
-    min_size: int = 800,
-    max_size: int = 1333,
-    frozen_batchnorm: bool = True,
-) -> tuple[nn.Module, WeightsReport]:
-    """Build detector `name` on the CPU with a head for `num_classes` (background included).
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsReport]:
+    """Build detector `cfg.name` on the CPU with a head for `num_classes` (background included).
 
-    With `frozen_batchnorm` the backbone's BatchNorm2d layers become FrozenBatchNorm2d, as torchvision does
+    With `cfg.frozen_batchnorm` the backbone's BatchNorm2d layers become FrozenBatchNorm2d, as torchvision does
     for pretrained backbones: batches of 2 images per GPU are too small for useful batch statistics.
     """
+    name = cfg.name
     if name not in DETECTION_BUILDERS:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(DETECTION_BUILDERS)}")
-    size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": min_size, "max_size": max_size}
+    size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
     if name in FIXED_SIZE_MODELS:
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
+    builder_kwargs = cfg.builder_kwargs.given()
+    representation_size = builder_kwargs.pop("representation_size", None)
+    _check_builder_kwargs(name, builder_kwargs)
     model = DETECTION_BUILDERS[name](
-        weights=None, weights_backbone=None, num_classes=num_classes, **size_kwargs
+        weights=None, weights_backbone=None, num_classes=num_classes, **size_kwargs, **builder_kwargs
     )
-    if frozen_batchnorm:
+    if representation_size is not None:
+        resize_box_head(model, name, representation_size, num_classes)
+    if cfg.frozen_batchnorm:
         frozen = freeze_batchnorm(model.backbone)
         log.info("model %s: %d BatchNorm2d layers of the backbone frozen", name, frozen)
-    report = WeightsReport() if weights is None else load_weights(model, weights)
-    if weights is not None and name == "fasterrcnn_resnet50_fpn" and frozen_batchnorm:
+    report = WeightsReport() if cfg.weights is None else load_weights(model, cfg.weights)
+    if cfg.weights is not None and name == "fasterrcnn_resnet50_fpn" and cfg.frozen_batchnorm:
         # torchvision's COCO_V1 weights for this model were trained with BatchNorm eps 0 and its builder
         # restores that on load; without it the published 37.0 box AP is not reproduced exactly.
         overwrite_eps(model, 0.0)
     return model, report
+
+
+def trained_model_config(state: Mapping, path: str | Path) -> ModelConfig:
+    """How the model in checkpoint `state` (read from `path`) was built, without its starting weights: the
+    checkpoint's own state dict replaces them. Options a checkpoint predates take today's defaults."""
+    return dataclasses.replace(model_config_from_dict(state["config"]["model"], str(path)), weights=None)
+
+
+def _check_builder_kwargs(name: str, builder_kwargs: Mapping[str, object]) -> None:
+    """A keyword the model's class does not take is a config error, not a TypeError from deep inside."""
+    accepted = inspect.signature(DETECTOR_CLASSES[name].__init__).parameters
+    unknown = [key for key in builder_kwargs if key not in accepted]
+    if unknown:
+        raise ValueError(
+            f"model.builder_kwargs.{unknown[0]} does not apply to {name} ({DETECTOR_CLASSES[name].__name__} "
+            "does not take it); leave it null for this model"
+        )
+
+
+def resize_box_head(model: nn.Module, name: str, representation_size: int, num_classes: int) -> None:
+    """Give Faster R-CNN's two-layer box head (and so its predictor) `representation_size` features.
+
+    The head maps every sampled proposal's 256x7x7 pooled features through two fully connected layers; at
+    torchvision's 1024 it is most of a small model's training step on the CPU (see docs/benchmarks.md).
+    """
+    box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    if not isinstance(box_head, TwoMLPHead):
+        raise ValueError(
+            f"model.builder_kwargs.representation_size applies to Faster R-CNN models with a two-layer box head, "
+            f"not to {name}"
+        )
+    model.roi_heads.box_head = TwoMLPHead(box_head.fc6.in_features, representation_size)
+    model.roi_heads.box_predictor = FastRCNNPredictor(representation_size, num_classes)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> WeightsReport:
