@@ -22,11 +22,18 @@ from _evaluate_worker import (
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train.evaluate import METRIC_STATS_INDEX, evaluate, ground_truth_path
+from train.evaluate import METRIC_STATS_INDEX, PER_CLASS_METRICS, evaluate, ground_truth_path, per_class_metrics
+
+METRIC_NAMES = set(METRIC_STATS_INDEX) | {f"{metric}/{c['name']}" for metric in PER_CLASS_METRICS
+                                          for c in CATEGORIES}
 
 
-def run_evaluate(model, samples, out_path=None, **kwargs):
-    return evaluate(model, as_batches(samples, 2), CATEGORIES, LocalStrategy(), "cpu", out_path, **kwargs)
+def run_evaluate(model, samples, out_path=None, categories=CATEGORIES, **kwargs):
+    return evaluate(model, as_batches(samples, 2), categories, LocalStrategy(), "cpu", out_path, **kwargs)
+
+
+def summary(metrics):
+    return {name: metrics[name] for name in METRIC_STATS_INDEX}
 
 
 def rescore_with_plain_pycocotools(out_path):
@@ -46,14 +53,17 @@ def test_perfect_detector_scores_one_and_saves_json_that_rescores_the_same(tmp_p
 
     metrics = run_evaluate(model, samples, out_path)
 
-    assert set(metrics) == set(METRIC_STATS_INDEX)
-    assert all(type(value) is float for value in metrics.values())
-    assert metrics == pytest.approx({name: 1.0 for name in METRIC_STATS_INDEX})
+    assert set(metrics) == METRIC_NAMES
+    assert all(type(value) is float for value in summary(metrics).values())
+    assert summary(metrics) == pytest.approx({name: 1.0 for name in METRIC_STATS_INDEX})
+    assert per_class_metrics(metrics) == {"bottle": {"AP": 1.0, "AP50": 1.0, "gt_boxes": 3},
+                                          "box": {"AP": 1.0, "AP50": 1.0, "gt_boxes": 4},  # not the crowd one
+                                          "can": {"AP": 1.0, "AP50": 1.0, "gt_boxes": 4}}
     assert model.modes_seen and not any(model.modes_seen), "the model must run in eval mode"
     assert model.training, "evaluate must give the model back in the mode it found it"
 
     stats = rescore_with_plain_pycocotools(out_path)
-    assert {name: float(stats[index]) for name, index in METRIC_STATS_INDEX.items()} == metrics
+    assert {name: float(stats[index]) for name, index in METRIC_STATS_INDEX.items()} == summary(metrics)
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["val_epoch1.json", "val_epoch1_gt.json"]
 
     detections = json.loads(out_path.read_text())
@@ -111,7 +121,8 @@ def test_zero_detections_score_zero_and_still_save(tmp_path):
 
     metrics = run_evaluate(TableDetector([nothing] * len(samples)), samples, out_path)
 
-    assert metrics == {name: 0.0 for name in METRIC_STATS_INDEX}
+    assert summary(metrics) == {name: 0.0 for name in METRIC_STATS_INDEX}
+    assert {(row["AP"], row["AP50"]) for row in per_class_metrics(metrics).values()} == {(0.0, 0.0)}
     assert json.loads(out_path.read_text()) == []
     assert len(json.loads(ground_truth_path(out_path).read_text())["images"]) == len(samples)
 
@@ -124,6 +135,35 @@ def test_undefined_area_ranges_are_nan():
 
     assert metrics["AP"] == metrics["AP_small"] == pytest.approx(1.0)
     assert math.isnan(metrics["AP_medium"]) and math.isnan(metrics["AP_large"])
+
+
+def test_per_class_ap_of_found_shifted_missed_and_absent_classes():
+    """bottle found exactly, box shifted to IoU 2/3 (a match at thresholds .50 to .65: 4 of 10), can never
+    found, shoe predicted but absent from the ground truth: AP 1, 0.4, 0, undefined."""
+    categories = [*CATEGORIES, {"label": 4, "category_id": 44, "name": "shoe"}]
+    specs = [(1, (128, 128), [(10, 10, 50, 50, 1, 0, None), (60, 60, 100, 100, 2, 0, None),
+                              (0, 90, 30, 120, 3, 0, None)]),
+             (2, (128, 128), [(20, 20, 60, 60, 1, 0, None), (70, 0, 128, 40, 2, 1, None)])]
+    samples = make_samples(specs)
+    answers = ground_truth_answers(samples)
+    keep = answers[0]["labels"] != 3  # the can is missed
+    boxes = answers[0]["boxes"][keep].clone()
+    boxes[1, [0, 2]] += 8.0  # the box: 32 of 40 columns overlap, IoU 1280 / 1920
+    answers[0] = {"boxes": torch.cat([boxes, torch.tensor([[80.0, 80.0, 120.0, 120.0]])]),
+                  "labels": torch.tensor([1, 2, 4]), "scores": torch.tensor([0.9, 0.8, 0.7])}
+
+    metrics = run_evaluate(TableDetector(answers), samples, categories=categories)
+
+    per_class = per_class_metrics(metrics)
+    assert list(per_class) == ["bottle", "box", "shoe", "can"]  # in category id order: 3, 17, 44, 90
+    assert per_class["bottle"] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "gt_boxes": 2}
+    assert per_class["box"] == {"AP": pytest.approx(0.4), "AP50": pytest.approx(1.0), "gt_boxes": 1}
+    assert per_class["can"] == {"AP": 0.0, "AP50": 0.0, "gt_boxes": 1}
+    assert math.isnan(per_class["shoe"]["AP"]) and math.isnan(per_class["shoe"]["AP50"])
+    assert per_class["shoe"]["gt_boxes"] == 0
+    # COCO's AP is the mean over the classes that have ground truth
+    assert metrics["AP"] == pytest.approx((1.0 + 0.4 + 0.0) / 3)
+    assert metrics["AP50"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
 
 
 def test_score_threshold_drops_low_scoring_detections(tmp_path):
@@ -187,7 +227,7 @@ def test_real_torchvision_detector_output_flows_through(tmp_path):
     metrics = evaluate(model, as_batches(samples, 2), CATEGORIES, LocalStrategy(), "cpu", out_path,
                        amp_dtype=torch.bfloat16)
 
-    assert set(metrics) == set(METRIC_STATS_INDEX) and all(type(v) is float for v in metrics.values())
+    assert set(metrics) == METRIC_NAMES and all(type(v) is float for v in summary(metrics).values())
     detections = json.loads(out_path.read_text())
     assert detections, "an untrained detector with box_score_thresh=0 still returns boxes"
     assert {d["image_id"] for d in detections} <= {7, 8, 9}

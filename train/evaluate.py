@@ -7,7 +7,11 @@ so COCOeval treats them as ignore regions), scores with pycocotools and writes t
 truth as JSON that plain pycocotools can re-score. The metrics are broadcast, so every rank returns the same
 dict.
 
-Metrics that COCOeval cannot define (an area range or a whole split without ground truth boxes, where
+Besides the summary metrics, every class of the ground truth gets `AP/<name>`, `AP50/<name>` (area all, 100
+detections per image) and `gt_boxes/<name>` (its non-crowd boxes, what its AP is measured on): a model can be
+good on average and useless for one class, and a consumer of its attributes needs to know which.
+
+Metrics that COCOeval cannot define (an area range, a class or a whole split without ground truth boxes, where
 pycocotools reports -1) are returned as NaN, so that a chart or a "best AP" comparison never reads them as a
 score. Zero detections are scored as what they are: 0 wherever ground truth exists.
 """
@@ -18,10 +22,12 @@ import contextlib
 import copy
 import io
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -39,6 +45,8 @@ METRIC_STATS_INDEX = {
     "AP_large": 5,
     "AR100": 8,
 }
+# Metrics reported per class, as "<metric>/<class name>" keys of the metrics dict.
+PER_CLASS_METRICS = ("AP", "AP50", "gt_boxes")
 
 
 class Collectives(Protocol):
@@ -267,7 +275,37 @@ def score_detections(ground_truth: dict, detections: list[dict], verbose: bool =
         coco_eval.accumulate()
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         coco_eval.summarize()
-    return {name: _defined_or_nan(coco_eval.stats[index]) for name, index in METRIC_STATS_INDEX.items()}
+    metrics = {name: _defined_or_nan(coco_eval.stats[index]) for name, index in METRIC_STATS_INDEX.items()}
+    return {**metrics, **_per_class_ap(coco_eval, ground_truth)}
+
+
+def _per_class_ap(coco_eval: COCOeval, ground_truth: dict) -> dict[str, float]:
+    """AP (IoU .50:.95) and AP50 of each ground truth category, area all, 100 detections, as summarize()
+    averages them; with the number of non-crowd boxes it was measured on."""
+    params = coco_eval.params
+    # precision: [IoU thresholds, recall points, categories (params.catIds order), area ranges, max detections]
+    precision = coco_eval.eval["precision"][:, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
+    iou_50 = list(params.iouThrs).index(0.5)
+    names = {int(c["id"]): str(c["name"]) for c in ground_truth["categories"]}
+    gt_boxes = Counter(int(a["category_id"]) for a in ground_truth["annotations"] if not a.get("iscrowd", 0))
+    metrics: dict[str, float] = {}
+    for k, category_id in enumerate(params.catIds):
+        name = names[category_id]
+        metrics[f"AP/{name}"] = _mean_precision(precision[:, :, k])
+        metrics[f"AP50/{name}"] = _mean_precision(precision[iou_50, :, k])
+        metrics[f"gt_boxes/{name}"] = gt_boxes[category_id]
+    return metrics
+
+
+def per_class_metrics(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """{class name: {"AP": .., "AP50": .., "gt_boxes": ..}} from the per-class keys of an evaluation's metrics;
+    {} when it has none (a checkpoint written before they existed)."""
+    by_class: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        metric, _, name = key.partition("/")
+        if name and metric in PER_CLASS_METRICS:
+            by_class.setdefault(name, {})[metric] = value
+    return by_class
 
 
 def _load_results(coco_gt: COCO, detections: list[dict]) -> COCO:
@@ -290,4 +328,7 @@ def _defined_or_nan(value: float) -> float:
     return math.nan if value < 0 else float(value)
 
 
-
+def _mean_precision(precision: np.ndarray) -> float:
+    # -1 marks a category without ground truth in the split: undefined, not 0.
+    defined = precision[precision > -1]
+    return float(defined.mean()) if defined.size else math.nan
