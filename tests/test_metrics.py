@@ -182,6 +182,27 @@ def test_logger_writes_jsonl_console_and_wandb(tmp_path):
     assert eval_logged["eval/val/per_class/bottle"] == 0.5
 
 
+def test_per_class_eval_metrics_go_to_a_console_table_and_to_every_sink_by_key(tmp_path):
+    lines, run = [], RecordingRun()
+    logger = MetricsLogger(tmp_path, wandb_run=run, print_fn=lines.append)
+    metrics = {"AP": 0.5, "AP50": 0.75, "AP/bottle": 1.0, "AP50/bottle": 1.0, "gt_boxes/bottle": 12,
+               "AP/shopping bag": float("nan"), "AP50/shopping bag": float("nan"), "gt_boxes/shopping bag": 0}
+    logger.log_eval(step=5, epoch=1, split="test", metrics=metrics, images_seen=20)
+    logger.close()
+
+    assert "\n".join(lines).splitlines() == [
+        "eval test step 5 epoch 1: AP 0.5 AP50 0.75",
+        "class               AP      AP50  gt_boxes",
+        "bottle           1.000     1.000        12",
+        "shopping bag       nan       nan         0",
+    ]
+    [record] = _read_records(tmp_path)
+    assert record["AP/bottle"] == 1.0 and record["gt_boxes/bottle"] == 12 and record["AP50/shopping bag"] == "nan"
+    [(_, logged)] = run.logged
+    assert logged["eval/test/AP/bottle"] == 1.0 and logged["eval/test/AP50/bottle"] == 1.0
+    assert logged["eval/test/gt_boxes/shopping bag"] == 0
+
+
 def test_logger_appends_after_resume(tmp_path):
     first = MetricsLogger(tmp_path, print_fn=lambda line: None)
     first.log_train(1, 0, 4, {"loss": torch.tensor(2.0)})

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
+from train.evaluate import PER_CLASS_METRICS, per_class_metrics
 from train.gpu_stats import GpuStatsSampler
 
 METRICS_FILE_NAME = "metrics.jsonl"
@@ -137,6 +138,8 @@ class MetricsLogger:
     is appended to, so after a resume it can hold a step twice: readers should keep the last record per
     (kind, split, step). Non-finite floats are written as the strings "nan", "inf", "-inf" (valid JSON).
     Train records also carry the GPU means from `gpu_stats` (keys gpu/{index}/...) when it is given.
+    On the console an evaluation is one line of its summary metrics, then its per-class metrics (AP/<class>,
+    AP50/<class>, gt_boxes/<class>) as a table.
     wandb gets train values as train/<name>, GPU means as gpu/..., eval metrics as eval/<split>/<name>, plus
     "step" and "images_seen", at wandb step `step`; events and string values are not sent. wandb ignores a
     step lower than one it already has, so steps replayed after a resume appear once there.
@@ -187,12 +190,16 @@ class MetricsLogger:
         images_seen = self._images_seen if images_seen is None else images_seen
         record = {"kind": "eval", "split": split, "step": step, "epoch": epoch, "images_seen": images_seen}
         self._write({**record, **metrics})
+        # Per-class values ("AP/bottle") would make the line unreadable: they get a table of their own.
         shown = " ".join(
             f"{name} {_format_number(value)}"
             for name, value in metrics.items()
-            if not isinstance(value, Mapping | list | tuple)
+            if "/" not in name and not isinstance(value, Mapping | list | tuple)
         )
         self._print(f"eval {split} step {step} epoch {epoch}: {shown}")
+        per_class = per_class_metrics(metrics)
+        if per_class:
+            self._print(per_class_table(per_class))
         self._log_wandb(step, images_seen, _flatten(f"eval/{split}", metrics))
 
     def log_event(self, name: str, **fields: Any) -> None:
@@ -236,6 +243,18 @@ def _train_line(step: int, epoch: int, values: Mapping[str, Any]) -> str:
     if "phase" in values:
         parts.append(f"phase {values['phase']}")
     return " | ".join(parts)
+
+
+def per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
+    """Aligned columns: class, then each of PER_CLASS_METRICS that an evaluation reported; nan = undefined."""
+    columns = [metric for metric in PER_CLASS_METRICS if any(metric in row for row in per_class.values())]
+    width = max(len("class"), *(len(name) for name in per_class))
+    lines = [f"{'class':<{width}}" + "".join(f"{column:>10}" for column in columns)]
+    for name, row in per_class.items():
+        cells = (row.get(column, "") for column in columns)
+        lines.append(f"{name:<{width}}" + "".join(
+            f"{cell:>10.3f}" if isinstance(cell, float) else f"{cell!s:>10}" for cell in cells))
+    return "\n".join(lines)
 
 
 def _format_number(value: Any) -> str:
