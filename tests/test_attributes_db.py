@@ -10,7 +10,10 @@ import pytest
 from attributes_helpers import postgres_schema_url
 
 from train.attributes_db import (
+    MIGRATIONS,
+    POSTGRESQL,
     SCHEMA_VERSION,
+    SQLITE,
     Detection,
     ImageExtraction,
     SchemaVersionError,
@@ -18,6 +21,8 @@ from train.attributes_db import (
     file_sha256,
     open_database,
 )
+
+PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.9, "gt_boxes": 3}, "can": {"AP": 0.25, "AP50": 0.5, "gt_boxes": 7}}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -71,16 +76,48 @@ def test_register_model_is_idempotent_by_checkpoint_content(target, tmp_path):
         model_id = db.register_model(first, "fasterrcnn_resnet50_fpn", ["bottle", "can"], None)
         copy = tmp_path / "copy.pt"
         copy.write_bytes(first.read_bytes())
-        assert db.register_model(copy, "fasterrcnn_resnet50_fpn", ["bottle", "can"], 0.42) == model_id
+        assert db.register_model(copy, "fasterrcnn_resnet50_fpn", ["bottle", "can"], 0.42, PER_CLASS) == model_id
+        # a known value is never replaced by a later one
+        other_values = {"bottle": {"AP": 0.0, "AP50": 0.0, "gt_boxes": 1}}
+        assert db.register_model(first, "fasterrcnn_resnet50_fpn", ["bottle", "can"], 0.1, other_values) == model_id
         second = checkpoint_file(tmp_path, b"weights two!")
-        other = db.register_model(second, "fcos_resnet50_fpn", ["shoe"], 0.1)
+        undefined = {"shoe": {"AP": float("nan"), "AP50": float("nan"), "gt_boxes": 0}}
+        other = db.register_model(second, "fcos_resnet50_fpn", ["shoe"], 0.1, undefined)
         assert other != model_id
         models = db.models()
+        class_ap = db.class_ap()
+        assert db.class_ap(other) == [{"model_id": other, "name": "shoe", "AP": None, "AP50": None, "gt_boxes": 0}]
     assert [m["id"] for m in models] == [model_id, other]
     assert models[0]["checkpoint_sha256"] == file_sha256(first)
     assert models[0]["class_names"] == ["bottle", "can"]
     assert models[0]["test_map"] == 0.42  # a test mAP given later fills the unknown one
+    assert models[0]["test_ap_per_class"] == PER_CLASS  # and so do per-class APs
+    # NaN (no ground truth of the class in the test split) is stored as JSON null, which SQL reads as NULL
+    assert models[1]["test_ap_per_class"] == {"shoe": {"AP": None, "AP50": None, "gt_boxes": 0}}
+    assert [(row["model_id"], row["name"], row["AP"]) for row in class_ap] == [
+        (model_id, "bottle", 0.5), (model_id, "can", 0.25), (other, "shoe", None)]
     assert models[1]["architecture"] == "fcos_resnet50_fpn" and models[1]["created_at"]
+
+
+def test_a_version_1_database_opens_migrated_and_its_model_gets_per_class_ap_later(target, tmp_path):
+    """A database written before per-class AP existed gains the column and keeps its rows."""
+    dialect = POSTGRESQL if target.startswith("postgresql://") else SQLITE
+    checkpoint = checkpoint_file(tmp_path, b"an old model")
+    raw_execute(target, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw_execute(target, "INSERT INTO schema_version (version) VALUES (1)")
+    for statement in MIGRATIONS[1]:
+        raw_execute(target, statement.format(id=dialect.id_column))
+    raw_execute(target, "INSERT INTO models (checkpoint_sha256, checkpoint_path, architecture, class_names, "
+                        f"test_map, created_at) VALUES ('{file_sha256(checkpoint)}', 'old.pt', 'arch', "
+                        """'["bottle", "can"]', 0.3, '2024-01-01T00:00:00+00:00')""")
+    with open_database(target) as db:
+        assert db.schema_version() == SCHEMA_VERSION == 2
+        [model] = db.models()
+        assert (model["checkpoint_path"], model["test_map"], model["test_ap_per_class"]) == ("old.pt", 0.3, None)
+        assert db.class_ap() == []
+        assert db.register_model(checkpoint, "arch", ["bottle", "can"], 0.3, PER_CLASS) == model["id"]
+    with open_database(target) as db:
+        assert db.models()[0]["test_ap_per_class"] == PER_CLASS
 
 
 def test_improvement_rounds_round_trip(target, tmp_path):

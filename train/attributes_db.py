@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # Any fixed number: PostgreSQL serialises concurrent schema creation on this advisory lock.
 _MIGRATION_LOCK_KEY = 7_431_002
@@ -112,6 +112,8 @@ MIGRATIONS: dict[int, list[str]] = {
             margin DOUBLE PRECISION NOT NULL,
             created_at TEXT NOT NULL)""",
     ],
+    # Per-class test AP, so that a consumer can tell a model's reliable attributes from its guesses.
+    2: ["ALTER TABLE models ADD COLUMN test_ap_per_class TEXT"],
 }
 
 
@@ -145,9 +147,12 @@ class SkippedImage:
 
 # Statements are written with ? placeholders (turned into %s for psycopg) and shared by both backends.
 _REGISTER_MODEL = """
-    INSERT INTO models (checkpoint_sha256, checkpoint_path, architecture, class_names, test_map, created_at)
-    VALUES (?, ?, ?, ?, ?, ?)
-    ON CONFLICT (checkpoint_sha256) DO UPDATE SET test_map = COALESCE(models.test_map, excluded.test_map)
+    INSERT INTO models (checkpoint_sha256, checkpoint_path, architecture, class_names, test_map,
+                        test_ap_per_class, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (checkpoint_sha256) DO UPDATE SET
+        test_map = COALESCE(models.test_map, excluded.test_map),
+        test_ap_per_class = COALESCE(models.test_ap_per_class, excluded.test_ap_per_class)
     RETURNING id"""
 _RECORD_ROUND = """
     INSERT INTO improvement_rounds (round_index, base_model_id, candidate_model_id, data, schedule, base_map,
@@ -311,19 +316,35 @@ class AttributesDB:
 
     # ---- models and improvement rounds (the improvement loop's API) ----------------------------------------
     def register_model(
-        self, checkpoint_path: Path, architecture: str, class_names: list[str], test_map: float | None
+        self, checkpoint_path: Path, architecture: str, class_names: list[str], test_map: float | None,
+        test_ap_per_class: Mapping[str, Mapping[str, float]] | None = None,
     ) -> int:
-        """The model's id, added if its checkpoint's sha256 is new; a later test mAP fills a NULL one."""
+        """The model's id, added if its checkpoint's sha256 is new; a later test mAP or per-class AP fills a
+        NULL one. `test_ap_per_class` is {class name: {"AP": .., "AP50": .., "gt_boxes": ..}}, stored as JSON
+        with null for an AP that is undefined (NaN: no ground truth of that class in the test split)."""
+        per_class = None
+        if test_ap_per_class:
+            per_class = json.dumps({name: {key: None if value != value else value for key, value in row.items()}
+                                    for name, row in test_ap_per_class.items()}, allow_nan=False)
         params = (file_sha256(checkpoint_path), str(checkpoint_path), architecture,
-                  json.dumps(list(class_names)), test_map, _now())
+                  json.dumps(list(class_names)), test_map, per_class, _now())
         with self.transaction() as cursor:
             return int(self._execute(cursor, _REGISTER_MODEL, params).fetchone()[0])
 
     def models(self) -> list[dict]:
+        """Every model; `class_names` as a list, `test_ap_per_class` as a dict (None when not known)."""
         rows = self._query("SELECT * FROM models ORDER BY id")
         for row in rows:
             row["class_names"] = json.loads(row["class_names"])
+            row["test_ap_per_class"] = json.loads(row["test_ap_per_class"] or "null")
         return rows
+
+    def class_ap(self, model_id: int | None = None) -> list[dict]:
+        """One row per model and class of the stored per-class test AP: model_id, name, then its values (AP,
+        AP50, gt_boxes; None where undefined), in the order the evaluation reported the classes."""
+        return [{"model_id": model["id"], "name": name, **values}
+                for model in self.models() if model_id is None or model["id"] == model_id
+                for name, values in (model["test_ap_per_class"] or {}).items()]
 
     def record_improvement_round(
         self, round_index: int, base_model_id: int | None, candidate_model_id: int, data: list[str],
