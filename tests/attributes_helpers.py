@@ -18,6 +18,9 @@ from train.config import config_to_dict, load_config
 from train.model import build_model
 
 MODEL_NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
+# What write_checkpoint records per class with a test mAP; "can" had no test ground truth (NaN).
+TEST_AP_PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.75, "gt_boxes": 4},
+                     "can": {"AP": float("nan"), "AP50": float("nan"), "gt_boxes": 0}}
 POSTGRES_URL_ENV = "TEST_POSTGRES_URL"
 
 
@@ -43,7 +46,9 @@ def write_checkpoint(manifest: Path, path: Path, test_map: float | None = None) 
         "config": config_to_dict(cfg),
     }
     if test_map is not None:
-        state["test_metrics"] = {"AP": test_map}
+        per_class = {f"{metric}/{name}": value for name, row in TEST_AP_PER_CLASS.items()
+                     for metric, value in row.items()}
+        state["test_metrics"] = {"AP": test_map, **per_class}
     save_checkpoint(state, path)
     return path
 

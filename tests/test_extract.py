@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,6 +33,9 @@ DUMP_SQL = """
            a.x1, a.y1, a.x2, a.y2
     FROM attributes a JOIN images i ON i.id = a.image_id ORDER BY i.content_sha256, a.detection_index"""
 SKIPPED_SQL = "SELECT source, reason FROM skipped ORDER BY source"
+# write_checkpoint's TEST_AP_PER_CLASS as the database stores it: an undefined AP is JSON null.
+STORED_AP_PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.75, "gt_boxes": 4},
+                       "can": {"AP": None, "AP50": None, "gt_boxes": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +91,10 @@ def folder_run(checkpoint, image_folder, tmp_path_factory):
 
 def test_folder_run_writes_model_images_and_attributes(folder_run, checkpoint, image_folder):
     db, _, _ = folder_run
-    [(architecture, class_names, test_map, sha)] = query(
-        db, "SELECT architecture, class_names, test_map, checkpoint_sha256 FROM models")
+    [(architecture, class_names, test_map, test_ap_per_class, sha)] = query(
+        db, "SELECT architecture, class_names, test_map, test_ap_per_class, checkpoint_sha256 FROM models")
     assert architecture == "fasterrcnn_mobilenet_v3_large_320_fpn" and test_map == 0.25
+    assert json.loads(test_ap_per_class) == STORED_AP_PER_CLASS
     assert json.loads(class_names) == ["bottle", "box", "can", "shoe", "bag"]
     assert len(sha) == 64
     images = query(db, "SELECT source, width, height FROM images ORDER BY source")
@@ -159,6 +164,12 @@ def test_query_command(folder_run, image_folder, capsys):
     name = rows[0][1]
     main(["query", str(db), "--attribute", name])
     assert len(capsys.readouterr().out.splitlines()) - 1 == int(rows[0][3])  # one line per image
+    main(["query", str(db), "--class-ap"])
+    assert capsys.readouterr().out.splitlines() == ["model_id\tname\tAP\tAP50\tgt_boxes",
+                                                    "1\tbottle\t0.5000\t0.7500\t4", "1\tcan\tNone\tNone\t0"]
+    main(["query", str(db), "--models"])
+    header, row = (line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert json.loads(dict(zip(header, row, strict=True))["test_ap_per_class"]) == STORED_AP_PER_CLASS
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +246,14 @@ def test_postgresql_end_to_end(checkpoint, image_folder, folder_run, capsys):
         with psycopg.connect(url) as connection:
             rows = connection.execute(DUMP_SQL).fetchall()
             skipped = connection.execute(SKIPPED_SQL).fetchall()
-            [(test_map,)] = connection.execute("SELECT test_map FROM models").fetchall()
+            [(test_map, test_ap_per_class)] = connection.execute(
+                "SELECT test_map, test_ap_per_class FROM models").fetchall()
+            # the stored text is JSON that PostgreSQL itself can read
+            [(bottle_ap,)] = connection.execute(
+                "SELECT (test_ap_per_class::json -> 'bottle' ->> 'AP')::float FROM models").fetchall()
         assert [tuple(row) for row in rows] == query(sqlite_db, DUMP_SQL)
         assert [tuple(row) for row in skipped] == query(sqlite_db, SKIPPED_SQL)
-        assert test_map == 0.25
+        assert test_map == 0.25 and json.loads(test_ap_per_class) == STORED_AP_PER_CLASS and bottle_ap == 0.5
         assert f"{GOOD_IMAGES} already done" in capsys.readouterr().out
         main(["query", url, "--counts"])
         counted = sum(int(line.split("\t")[2]) for line in capsys.readouterr().out.splitlines()[1:])
@@ -256,29 +271,46 @@ def test_one_file_with_bf16_autocast_and_no_stored_test_map(small_manifest, imag
     db = tmp_path / "attributes.sqlite"
     one_file = str(image_folder / "000001.jpg")
     assert extract(bare, db, "--input", one_file, "--amp", "bf16", "--annotate", "0") == 0
-    assert query(db, "SELECT test_map FROM models") == [(None,)]
+    assert query(db, "SELECT test_map, test_ap_per_class FROM models") == [(None, None)]
     assert query(db, "SELECT COUNT(*) FROM extractions") == [(1,)]
     assert query(db, "SELECT COUNT(*) FROM attributes WHERE score >= ?", (float(THRESHOLD),))[0][0] > 0
     assert_consistent(db)
 
 
 def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_manifest, tmp_path):
-    """The whole chain: train/main.py trains a few steps and evaluates on test; the final checkpoint carries
-    the test AP, and extraction over the test split records it with the model and writes rows."""
-    from test_train import run_training, tiny_overrides
+    """The whole chain: train/main.py trains a few steps and evaluates on test (metrics.jsonl and the console
+    get the per-class APs); the final checkpoint carries the test APs, and extraction over the test split
+    records them with the model and writes rows."""
+    from test_train import records, run_training, tiny_overrides
 
     from train.checkpoint import latest_valid_checkpoint
+    from train.evaluate import PER_CLASS_METRICS, per_class_metrics
 
     run_dir = tmp_path / "run"
-    run_training(tiny_overrides(small_manifest, run_dir) + ["train.max_steps=3", "eval.every_epochs=0"], nproc=0)
+    result = run_training(tiny_overrides(small_manifest, run_dir) + ["train.max_steps=3", "eval.every_epochs=0"],
+                          nproc=0)
     checkpoint, state = latest_valid_checkpoint(run_dir)
+    names = [c["name"] for c in state["categories"]]
+    [test_record] = [r for r in records(run_dir) if r.get("kind") == "eval"]
+    per_class_keys = {f"{metric}/{name}" for metric in PER_CLASS_METRICS for name in names}
+    assert per_class_keys <= set(test_record) and per_class_keys <= set(state["test_metrics"])
+    assert sum(test_record[f"gt_boxes/{name}"] for name in names) > 0
+    table = result.stdout[result.stdout.index("eval test step"):].splitlines()[1:len(names) + 2]
+    assert table[0].split() == ["class", "AP", "AP50", "gt_boxes"]
+    assert [line.split()[0] for line in table[1:]] == names
     database = tmp_path / "attributes.sqlite"
     assert main([str(checkpoint), "--manifest", str(small_manifest), "--split", "test", "--db", str(database),
                  "--score-threshold", "0", "--annotate", "0", "--num-workers", "0"]) == 0
     with contextlib.closing(sqlite3.connect(database)) as connection:
-        (test_map,) = connection.execute("SELECT test_map FROM models").fetchone()
+        test_map, test_ap_per_class = connection.execute("SELECT test_map, test_ap_per_class FROM models").fetchone()
         images = connection.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         attributes = connection.execute("SELECT COUNT(*) FROM attributes").fetchone()[0]
     assert test_map == pytest.approx(state["test_metrics"]["AP"])
+    stored = json.loads(test_ap_per_class)
+    expected = per_class_metrics(state["test_metrics"])
+    assert list(stored) == names == list(expected)
+    for name in names:
+        for metric, value in expected[name].items():
+            assert stored[name][metric] == (None if math.isnan(value) else pytest.approx(value))
     test_ids = json.loads((small_manifest.parent / "manifest.json").read_text())["splits"]["test"]["image_ids"]
     assert images == len(test_ids) and attributes > 0

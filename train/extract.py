@@ -4,7 +4,7 @@
     python -m train.extract CHECKPOINT --input 'photos/**/*.jpg' --db postgresql://user:password@host/db
     python -m train.extract CHECKPOINT --manifest data/synth/shards/manifest.json --split test
     torchrun --nproc_per_node=2 -m train.extract CHECKPOINT --input photos/
-    python -m train.extract query attributes.sqlite (--image PATH|KEY | --attribute NAME | --counts | ...)
+    python -m train.extract query attributes.sqlite (--image PATH|KEY | --attribute NAME | --class-ap | ...)
 
 Files go through data_prep's normalisation (EXIF orientation, RGB, alpha) exactly as training images did,
 so boxes are in pixels of the upright image; a file it rejects (corrupt, truncated, not an image) is skipped,
@@ -24,6 +24,7 @@ import argparse
 import functools
 import glob
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -50,7 +51,7 @@ from train.attributes_db import (
     open_database,
 )
 from train.checkpoint import load_checkpoint
-from train.evaluate import predict
+from train.evaluate import per_class_metrics, predict
 from train.model import build_model, trained_model_config
 from train.shard_reader import Shard, iter_raw_samples, rank_segments, split_shards
 from train.strategy import Strategy, setup_strategy
@@ -68,6 +69,7 @@ class Detector:
     architecture: str
     categories: dict[int, tuple[str, int]]  # contiguous label -> (name, original category id)
     test_map: float | None
+    test_ap_per_class: dict[str, dict[str, float]]  # {} when the checkpoint records none
 
     @property
     def class_names(self) -> list[str]:
@@ -88,14 +90,16 @@ def load_detector(path: Path, score_threshold: float, max_detections: int) -> De
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit model {model_cfg.name}: {error}") from error
     limit_detections(model, score_threshold, max_detections)
-    return Detector(model.eval(), model_cfg.name, categories, stored_test_map(state))
+    test_ap_per_class = per_class_metrics(state.get("test_metrics") or {})
+    return Detector(model.eval(), model_cfg.name, categories, stored_test_map(state), test_ap_per_class)
 
 
 def stored_test_map(state: dict) -> float | None:
     """COCO AP on the test split when the checkpoint records one as state["test_metrics"]["AP"], else None.
 
-    train/loop.py stores validation progress (best_ap) but no test metrics in its checkpoints, so for those
-    this is None: the database then says "unknown" rather than passing a validation AP off as a test AP.
+    train/main.py records test metrics only in the checkpoint written after its final test evaluation; for
+    the others (best.pt, earlier checkpoints) this is None: the database then says "unknown" rather than
+    passing a validation AP off as a test AP.
     """
     value = (state.get("test_metrics") or {}).get("AP")
     return None if value is None or value != value else float(value)  # NaN: undefined on that split
@@ -316,7 +320,7 @@ def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | No
     model_id, done = None, None
     if db is not None:
         model_id = db.register_model(args.checkpoint.resolve(), detector.architecture, detector.class_names,
-                                     detector.test_map)
+                                     detector.test_map, detector.test_ap_per_class)
         done = db.done_image_hashes(model_id)
     done = strategy.broadcast_object(done)
     if args.annotate != 0:
@@ -446,6 +450,8 @@ def parse_query_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--attribute", help="images where this attribute (class name) was detected")
     what.add_argument("--counts", action="store_true", help="detections and images per attribute")
     what.add_argument("--models", action="store_true", help="the registered models")
+    what.add_argument("--class-ap", action="store_true",
+                      help="per model and class: AP, AP50 and ground truth boxes on the test split")
     what.add_argument("--skipped", action="store_true", help="input files that were skipped, with reasons")
     parser.add_argument("--model", type=int, help="only this model id")
     parser.add_argument("--min-score", type=float, default=0.0, help="with --attribute")
@@ -462,6 +468,8 @@ def run_query(args: argparse.Namespace) -> list[dict]:
             return db.images_with_attribute(args.attribute, args.min_score, args.model)
         if args.counts:
             return db.attribute_counts(args.model)
+        if args.class_ap:
+            return db.class_ap(args.model)
         return db.models() if args.models else db.skipped()
 
 
@@ -471,7 +479,13 @@ def print_rows(rows: list[dict]) -> None:
         return
     print("\t".join(rows[0]))
     for row in rows:
-        print("\t".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row.values()))
+        print("\t".join(_cell(value) for value in row.values()))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
