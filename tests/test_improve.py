@@ -23,6 +23,7 @@ from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
 from train.attributes_db import open_database
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from train.evaluate import per_class_metrics
 from train.shard_reader import category_labels, decode_sample, iter_raw_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,12 +175,17 @@ def test_rounds_are_recorded_with_data_schedule_scores_and_decision(loop):
         assert record["candidate_map"] == saved["candidate_metrics"]["AP"]
         assert record["promoted"] == (record["candidate_map"] > record["base_map"] + record["margin"])
         assert models[record["candidate_model_id"]]["checkpoint_path"] == saved["candidate"]
+        # the per-class APs of the same held-out evaluation, with the model (round.json writes NaN as null)
+        candidate_ap = models[record["candidate_model_id"]]["test_ap_per_class"]
+        assert candidate_ap == per_class_metrics(saved["candidate_metrics"]) and "can" in candidate_ap
     assert (first["margin"], first["promoted"]) == (-1.0, True)
     assert (second["margin"], second["promoted"]) == (1.0, False)
     assert models[first["candidate_model_id"]]["class_names"] == ["bottle", "box", "can", "shoe", "bag"]
     assert models[first["base_model_id"]]["class_names"] == ["bottle", "box", "shoe", "bag"]
     assert first["base_model_id"] != first["candidate_model_id"]  # registered before best.pt was replaced
     assert models[first["base_model_id"]]["checkpoint_sha256"] == sha256(loop["base"])
+    first_saved = json.loads((loop["rounds"][0] / "round.json").read_text())
+    assert models[first["base_model_id"]]["test_ap_per_class"] == per_class_metrics(first_saved["base_metrics"])
     assert second["base_model_id"] == first["candidate_model_id"]  # round 2 started from the promoted model
     assert "promoted to" in loop["stdout"][0] and "not promoted" in loop["stdout"][1]
 

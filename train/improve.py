@@ -56,7 +56,7 @@ from train.checkpoint import (
 from train.class_growth import grow_state_dict, needs_growth, union_categories
 from train.config import Config, config_to_dict, load_config
 from train.data_union import write_union_manifest
-from train.evaluate import evaluate
+from train.evaluate import evaluate, per_class_metrics
 from train.loop import AMP_DTYPES
 from train.main import seed_everything, train
 from train.model import build_model, load_state_dict_fitting, trained_model_config
@@ -300,9 +300,9 @@ def promote_and_record(db_url: str, outcome: RoundOutcome, architecture: str, ba
         # Models are registered by the hash of their file's bytes, and the base's file is usually the one
         # that promotion replaces: register it first.
         base_id = db.register_model(outcome.base, architecture, class_names(base["categories"]),
-                                    outcome.base_map)
-        candidate_id = db.register_model(outcome.candidate, architecture,
-                                         class_names(candidate["categories"]), outcome.candidate_map)
+                                    outcome.base_map, per_class_metrics(outcome.base_metrics))
+        candidate_id = db.register_model(outcome.candidate, architecture, class_names(candidate["categories"]),
+                                         outcome.candidate_map, per_class_metrics(outcome.candidate_metrics))
         if outcome.promoted:
             install_atomically(Path(outcome.candidate), promote_to)
         db.record_improvement_round(outcome.round_index, base_id, candidate_id, outcome.data,
