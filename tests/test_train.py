@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,10 @@ def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
     assert {"images_per_s/rank0", "images_per_s/rank1", "data_wait_share", "lr"} <= set(train[-1])
     evals = [r for r in logged if r.get("kind") == "eval"]
     assert {r["split"] for r in evals} == {"val", "test"} and all("AP50" in r for r in evals)
+    names = [c["name"] for c in state["categories"]]
+    assert all({f"AP/{name}" for name in names} | {f"AP50/{name}" for name in names} <= set(r) for r in evals)
+    # the per-class table comes from rank 0 alone: once per evaluation, not once per rank
+    assert len(re.findall(r"^class +AP +AP50 +gt_boxes$", result.stdout, flags=re.MULTILINE)) == len(evals)
     detections = json.loads((run_dir / "detections_test.json").read_text())
     assert isinstance(detections, list)
     wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -80,6 +85,7 @@ def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
                           capture_output=True, text=True, timeout=120)
     assert dump.returncode == 0, dump.stderr
     assert "images_per_s" in dump.stdout and '"strategy"' in dump.stdout
+    assert f"eval/test/AP/{names[0]}" in dump.stdout and f"eval/val/AP50/{names[-1]}" in dump.stdout
     assert "eval/predictions" in dump.stdout  # validation images with predicted boxes
     assert "run directory:" in result.stdout
 
