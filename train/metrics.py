@@ -199,7 +199,7 @@ class MetricsLogger:
         self._print(f"eval {split} step {step} epoch {epoch}: {shown}")
         per_class = per_class_metrics(metrics)
         if per_class:
-            self._print(per_class_table(per_class))
+            self._print(_per_class_table(per_class))
         self._log_wandb(step, images_seen, _flatten(f"eval/{split}", metrics))
 
     def log_event(self, name: str, **fields: Any) -> None:
@@ -245,7 +245,7 @@ def _train_line(step: int, epoch: int, values: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
+def _per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> str:
     """Aligned columns: class, then each of PER_CLASS_METRICS that an evaluation reported; nan = undefined."""
     columns = [metric for metric in PER_CLASS_METRICS if any(metric in row for row in per_class.values())]
     width = max(len("class"), *(len(name) for name in per_class))
