@@ -398,3 +398,12 @@ def test_a_checkpoint_started_from_a_name_rebuilds_with_its_eps_and_no_file(torc
     # the other COCO files keep their layers' own eps
     small = load_config(None, ["model.name=" + SMALL, "model.weights=DEFAULT"])
     assert trained_model_config({"config": config_to_dict(small)}, "c").frozen_batchnorm_eps is None
+
+
+def test_the_configs_name_the_files_their_comments_say(torch_home: Path) -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    coco2000 = starting_weights(load_config(configs / "coco2000.yaml").model)
+    coco_1x = starting_weights(load_config(configs / "coco_1x.yaml").model)
+    assert coco2000.path == torch_home / "hub" / "checkpoints" / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    assert coco_1x.path == torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert coco_1x.key == "model.weights_backbone"
