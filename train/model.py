@@ -102,9 +102,6 @@ class StartingWeights:
     path: Path  # the local file, or the torchvision file's place in torch.hub's cache
     named: WeightsEnum | None = None  # the torchvision weights the name resolved to; None for a local file
 
-    def __str__(self) -> str:
-        return str(self.path) if self.named is None else f"{full_name(self.named)} ({self.path})"
-
 
 @dataclass(frozen=True)
 class SkippedTensor:
@@ -153,14 +150,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsR
     Torchvision weights by name start as torchvision's builder would set them up, so that fine-tuning starts
     from the model torchvision measured: FrozenBatchNorm2d with the eps it used (`frozen_batchnorm_eps`), and the
     backbone layers its builder freezes by default (all but its default trainable_backbone_layers) get
-    requires_grad False; a freezing schedule (freeze.phases) replaces that choice. The builder itself cannot do
+    requires_grad False; a freezing schedule (freeze.phases) replaces that choice. (For the _v2 models and SSDlite
+    torchvision keeps BatchNorm2d; model.frozen_batchnorm: false matches that.) The builder itself cannot do
     this here: with weights it insists on 91 classes, and a rebuild from a checkpoint must not need the file.
     A local file gives its tensors only: what trains is the schedule's choice (everything, without one).
     A name's file is downloaded into torch.hub's cache if it is not there yet (see `fetch_starting_weights`).
     """
     name = cfg.name
-    if name not in DETECTION_BUILDERS:
-        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(DETECTION_BUILDERS)}")
     start = fetch_starting_weights(cfg)  # before the build: a missing file fails before any work
     size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
     if name in FIXED_SIZE_MODELS:
@@ -288,6 +284,8 @@ def full_name(weights: WeightsEnum) -> str:
 def _weights_setting(cfg: ModelConfig) -> tuple[type[WeightsEnum], str | Path, str] | None:
     """(torchvision's weights enum for the setting, its value, its key) for whichever of model.weights and
     model.weights_backbone is set; None when neither is."""
+    if cfg.name not in DETECTION_BUILDERS:
+        raise ValueError(f"unknown model name {cfg.name!r}; valid names: {', '.join(DETECTION_BUILDERS)}")
     if cfg.weights is not None and cfg.weights_backbone is not None:
         raise ValueError(
             "model.weights and model.weights_backbone are both set; weights start the whole detector, backbone "
