@@ -404,7 +404,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="fasterrcnn_resnet50_fpn", help="a name in train.model")
-    parser.add_argument("--weights", help="local weights file for both (default: random initialisation)")
+    parser.add_argument("--weights", help="weights for both: a torchvision name or a local file (default: random init)")
     parser.add_argument("--images", type=int, default=256,
                         help="synthetic images (one epoch must hold all steps)")
     parser.add_argument("--image-size", type=int, default=640,

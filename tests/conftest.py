@@ -1,8 +1,10 @@
-"""Shared fixtures: a synthetic product set sharded once per test session (real data_prep output)."""
+"""Shared fixtures: a synthetic product set sharded once per test session (real data_prep output); no test
+reads the user's torch.hub cache or downloads anything."""
 
 from pathlib import Path
 
 import pytest
+import torch.hub
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.synth import write_synthetic_coco
@@ -25,3 +27,15 @@ def shard_synthetic_set(root: Path, *, num_images: int, image_size: int, shard_m
 def small_manifest(tmp_path_factory) -> Path:
     """About 60 tiny images in shards of 7 samples, so splits have shards of unequal size."""
     return shard_synthetic_set(tmp_path_factory.mktemp("small"), num_images=60, image_size=96, shard_max_count=7)
+
+
+@pytest.fixture(autouse=True)
+def offline_torch_hub(tmp_path_factory, monkeypatch):
+    """TORCH_HOME is an empty folder (subprocesses inherit it), and a download attempt fails the test: tests seed
+    the files they need, and a test that would reach the network fails here instead."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"a test tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)

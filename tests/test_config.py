@@ -210,9 +210,11 @@ def test_configs_say_what_the_brief_asks():
     assert coco2000.data.manifest == "data/coco2000/manifest.json" and coco2000.train.epochs == 5
     assert [phase.start_epoch for phase in coco2000.freeze.phases] == [0, 2, 4]
     assert (coco2000.optim.lr, coco2000.optim.reference_batch_size, coco2000.train.amp) == (0.02, 16, "bf16")
+    assert coco2000.model.weights == "DEFAULT"  # torchvision's COCO weights, through torch.hub's cache
 
     coco_1x = load_config(CONFIGS_DIR / "coco_1x.yaml")
     assert (coco_1x.train.epochs, coco_1x.optim.milestones, coco_1x.optim.warmup_steps) == (12, [8, 11], 1000)
+    assert (coco_1x.model.weights, coco_1x.model.weights_backbone) == (None, "IMAGENET1K_V1")
 
     finetune = load_config(CONFIGS_DIR / "finetune_heads.yaml")
     assert finetune.model.weights is not None and finetune.optim.lr < 0.02

@@ -7,6 +7,7 @@ two gloo processes) starts from the promoted model with a margin of 1, which no 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -23,7 +24,9 @@ from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
 from train.attributes_db import open_database
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from train.config import config_to_dict, load_config
 from train.evaluate import per_class_metrics
+from train.improve import DEFAULT_CONFIG, round_config
 from train.shard_reader import category_labels, decode_sample, iter_raw_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +217,16 @@ def test_overriding_what_the_command_sets_is_refused_before_any_work(loop, tmp_p
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "model.weights is set by --base" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("weights", "eps"), [("DEFAULT", 0.0), ("null", None)])
+def test_a_round_builds_with_the_eps_its_base_was_trained_with(tmp_path, weights, eps):
+    # torchvision's R50-FPN COCO_V1 file is loaded with FrozenBatchNorm2d eps 0: a round on a model fine-tuned
+    # from it must keep that eps, which the base's state dict does not hold
+    trained = load_config(None, ["model.name=fasterrcnn_resnet50_fpn", f"model.weights={weights}",
+                                 "model.min_size=512"])
+    base = {"config": config_to_dict(trained)}
+    args = argparse.Namespace(config=DEFAULT_CONFIG, overrides=[], run_dir=tmp_path / "round", base=tmp_path / "b.pt")
+    cfg = round_config(args, base, tmp_path / "manifest.json", tmp_path / "b.pt")
+    assert (cfg.model.name, cfg.model.min_size, cfg.model.frozen_batchnorm_eps) == ("fasterrcnn_resnet50_fpn", 512, eps)
+    assert cfg.model.weights == str(tmp_path / "b.pt")

@@ -6,12 +6,14 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models import detection
 
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 
@@ -151,6 +153,48 @@ def test_bad_config_key_fails_before_work(small_manifest, tmp_path):
     result = run_training(tiny_overrides(small_manifest, tmp_path) + ["optim.lrr=0.1"], nproc=0, check=False)
     assert result.returncode == 2 and "optim.lrr" in result.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_weights_by_name_load_from_the_cache_into_the_run(small_manifest, tmp_path):
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    cached = Path(os.environ["TORCH_HOME"], "hub", "checkpoints", "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth")
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    coco = {k: v for k, v in detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights_backbone=None).state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+    torch.save(coco, cached)
+    overrides = tiny_overrides(small_manifest, tmp_path) + [
+        f"model.name={name}", "model.weights=DEFAULT", "model.frozen_batchnorm=true", "train.max_steps=0",
+        "eval.test_at_end=false"]
+    result = run_training(overrides, nproc=0)
+    assert f"weights FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1 ({cached}): loaded" in result.stdout
+    _, state = latest_valid_checkpoint(tmp_path)
+    assert all(torch.equal(state["model"][k], v) for k, v in coco.items() if not k.startswith("roi_heads.box_pre"))
+
+
+def test_weights_that_cannot_be_downloaded_stop_every_rank_with_one_message(small_manifest, tmp_path):
+    # An empty torch.hub cache (tests/conftest.py) and a proxy that refuses connections: the download fails at
+    # once without leaving the machine.
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        refusing_proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "https_proxy": refusing_proxy, "HTTPS_PROXY": refusing_proxy,
+           "no_proxy": "", "NO_PROXY": ""}
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "train/main.py",
+               *tiny_overrides(small_manifest, tmp_path), "model.weights=DEFAULT"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("weights error: model.weights: DEFAULT is torchvision's") == 1, result.stderr[-3000:]
+    assert "put it at: " + os.environ["TORCH_HOME"] in result.stderr and "Connection refused" in result.stderr
+    # the workers exit with 2 (the first one to end makes torchrun stop the other); the only traceback is
+    # torchrun's own report of that, none from our code or urllib
+    assert "exitcode  : 2" in result.stderr and result.stderr.count("Traceback") <= 1
+    assert "urllib/request.py" not in result.stderr and f'File "{ROOT / "train"}' not in result.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_unknown_weights_name_is_a_config_error(small_manifest, tmp_path):
+    result = run_training(tiny_overrides(small_manifest, tmp_path) + ["model.weights=COCO_V2"], nproc=0, check=False)
+    assert result.returncode == 2 and "config error: model.weights: 'COCO_V2' is neither" in result.stderr
 
 
 def test_dp_and_single_train_the_same_config_identically(small_manifest, tmp_path):

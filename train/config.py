@@ -70,10 +70,19 @@ class BuilderKwargs:
 @dataclass
 class ModelConfig:
     name: str = "fasterrcnn_resnet50_fpn"
-    weights: str | None = None  # local file: a torchvision COCO checkpoint or one of ours; None = scratch
+    # What the model starts from (train/model.py): a torchvision weights name for this model (DEFAULT,
+    # COCO_V1, FasterRCNN_ResNet50_FPN_Weights.COCO_V1), fetched through torch.hub's cache, or a local file (a
+    # torchvision state dict or one of our checkpoints); None = random initialisation.
+    weights: str | None = None
+    # Or only the backbone from ImageNet: a torchvision name for the model's backbone (DEFAULT, IMAGENET1K_V1)
+    # or a local classification state dict. Faster R-CNN, RetinaNet and FCOS; not with `weights`.
+    weights_backbone: str | None = None
     min_size: int = _rule(800, min=1)
     max_size: int = _rule(1333, min=1)
-    frozen_batchnorm: bool = True
+    frozen_batchnorm: bool = True  # the backbone's BatchNorm2d become FrozenBatchNorm2d (statistics kept)
+    # Their eps; None = as the starting weights were made: each BatchNorm2d's own, but 0 for torchvision's
+    # COCO_V1 files of fasterrcnn_resnet50_fpn and retinanet_resnet50_fpn (as its builders load them).
+    frozen_batchnorm_eps: float | None = _rule(None, min=0.0)
     builder_kwargs: BuilderKwargs = field(default_factory=BuilderKwargs)
 
 

@@ -80,13 +80,13 @@ def apply_phase(model: nn.Module, phase: FreezePhase | None) -> int:
 
 
 @torch.no_grad()
-def freeze_batchnorm(module: nn.Module) -> int:
+def freeze_batchnorm(module: nn.Module, eps: float | None = None) -> int:
     """Replace every nn.BatchNorm2d under `module` by a FrozenBatchNorm2d with the same statistics and
-    affine parameters, in place; returns how many were replaced.
+    affine parameters, in place; returns how many were replaced. Their eps is each layer's own, or `eps`.
 
-    torchvision builds detectors with FrozenBatchNorm2d only when it downloads pretrained weights, which
-    we never do. With 2 images per GPU, batch statistics are too noisy to train on, so fine-tuning from
-    a checkpoint keeps the stored ones. Call it before loading a torchvision checkpoint: those were saved
+    torchvision's builders use FrozenBatchNorm2d only for pretrained weights, and train/model.py builds every
+    model without them (then loads its weights). With 2 images per GPU, batch statistics are too noisy to train
+    on, so fine-tuning keeps the stored ones. Call it before loading a torchvision checkpoint: those were saved
     from frozen layers and have no `num_batches_tracked` entries.
     """
     replaced = 0
@@ -94,7 +94,8 @@ def freeze_batchnorm(module: nn.Module) -> int:
         if isinstance(child, nn.BatchNorm2d):
             if child.running_mean is None or child.running_var is None:
                 raise ValueError(f"cannot freeze BatchNorm2d '{name}': it tracks no running statistics")
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.running_mean.device)
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps if eps is None else eps)
+            frozen = frozen.to(child.running_mean.device)
             if child.affine:
                 frozen.weight.copy_(child.weight)
                 frozen.bias.copy_(child.bias)
@@ -103,7 +104,7 @@ def freeze_batchnorm(module: nn.Module) -> int:
             setattr(module, name, frozen)
             replaced += 1
         else:
-            replaced += freeze_batchnorm(child)
+            replaced += freeze_batchnorm(child, eps)
     return replaced
 
 

@@ -8,8 +8,8 @@
 What happens, in order:
 1. The config is resolved: the YAML (default configs/finetune_heads.yaml: backbone body frozen, FPN and heads
    train), then the base model's architecture and input size (model.name, model.min_size, model.max_size from
-   the base checkpoint's config), then the command-line overrides. data.manifest, model.weights and run_dir
-   are this command's to set.
+   the base checkpoint's config, and the eps of its FrozenBatchNorm2d layers), then the command-line overrides.
+   data.manifest, model.weights and run_dir are this command's to set.
 2. The class list grows to the union of the base model's classes and the new data's (labels 1..K in order of
    category id). The data sets become one manifest under RUN_DIR/data (train/data_union.py); when the class
    list changed, the base is written in the new shape to RUN_DIR/base-grown.pt with every known class's rows
@@ -66,7 +66,8 @@ from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_heads.yaml"
 SET_BY_THIS_COMMAND = {"data.manifest": "--data", "model.weights": "--base", "run_dir": "--run-dir"}
-INHERITED_MODEL_KEYS = ("name", "min_size", "max_size")  # the base's architecture and input resolution
+# the base's architecture, input resolution and the FrozenBatchNorm2d eps its weights were trained with
+INHERITED_MODEL_KEYS = ("name", "min_size", "max_size", "frozen_batchnorm_eps")
 GROWN_BASE_NAME = "base-grown.pt"
 ROUND_RECORD_NAME = "round.json"
 
@@ -142,7 +143,8 @@ def load_model_checkpoint(path: Path) -> dict:
 
 def round_config(args: argparse.Namespace, base: dict, manifest: Path, weights: Path) -> Config:
     """The YAML, then the base's architecture and input size, then the overrides; then this round's paths."""
-    inherited = [f"model.{key}={base['config']['model'][key]}" for key in INHERITED_MODEL_KEYS]
+    trained = trained_model_config(base, args.base)
+    inherited = [f"model.{key}={json.dumps(getattr(trained, key))}" for key in INHERITED_MODEL_KEYS]  # YAML values
     cfg = load_config(args.config, inherited + list(args.overrides))
     return dataclasses.replace(
         cfg, run_dir=str(args.run_dir), data=dataclasses.replace(cfg.data, manifest=str(manifest)),

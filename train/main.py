@@ -4,9 +4,12 @@
     python train/main.py --config configs/demo_cpu.yaml strategy=dp
 
 What happens, in order: the config is resolved (typed defaults, YAML, command line) and checked before any heavy
-work; the strategy sets up the process group (ddp) or not (single, dp); the model is built for the manifest's
-classes and loads local weights; the run resumes from the newest valid checkpoint in the run directory; the
-trainer runs the epochs (phase changes, checkpoints, validation); the test split is evaluated at the end.
+work, starting weights included (a torchvision name for the model, or an existing file); the strategy sets up the
+process group (ddp) or not (single, dp); torchvision weights by name are fetched into torch.hub's cache once per
+machine, or every rank stops with one message saying where to put the file; the model is built for the
+manifest's classes and loads its starting weights; the run resumes from the newest valid checkpoint in the run
+directory; the trainer runs the epochs (phase changes, checkpoints, validation); the test split is evaluated at the
+end.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from train.freezing import validate_schedule
 from train.gpu_stats import GpuStatsSampler
 from train.loop import Progress, Splits, Trainer
 from train.metrics import MetricsLogger
-from train.model import build_model
+from train.model import PretrainedWeightsUnavailable, build_model, fetch_starting_weights, starting_weights
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
 from train.shard_reader import samples_per_rank, split_shards
 from train.strategy import Strategy, setup_strategy
@@ -69,6 +72,20 @@ def resume_if_possible(cfg: Config, strategy: Strategy, model, optimizer, lr_sch
     if strategy.is_main:
         print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
     return progress
+
+
+def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
+    """Download torchvision weights the config names into torch.hub's cache, once per machine: local rank 0
+    fetches while the other ranks wait in the gather, then every rank raises the same error if that failed."""
+    error = None
+    if strategy.local_rank == 0:
+        try:
+            fetch_starting_weights(cfg.model)
+        except PretrainedWeightsUnavailable as unavailable:
+            error = str(unavailable)
+    errors = [message for message in strategy.all_gather_object(error) if message]
+    if errors:
+        raise PretrainedWeightsUnavailable(errors[0])
 
 
 def train(cfg: Config, strategy: Strategy) -> None:
@@ -133,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ValueError as error:
+        starting_weights(cfg.model)  # a weights name resolves, a weights file exists
+    except (ValueError, FileNotFoundError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     strategy = setup_strategy(cfg.strategy, cfg.device)
+    try:
+        fetch_weights_once(cfg, strategy)
+    except PretrainedWeightsUnavailable as error:
+        if strategy.is_main:
+            print(f"weights error: {error}", file=sys.stderr)
+        strategy.teardown()  # every rank is here: they all left the same gather with the same error
+        return 2
     train(cfg, strategy)
     strategy.teardown()
     return 0
