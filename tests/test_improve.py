@@ -230,3 +230,15 @@ def test_a_round_builds_with_the_eps_its_base_was_trained_with(tmp_path, weights
     cfg = round_config(args, base, tmp_path / "manifest.json", tmp_path / "b.pt")
     assert (cfg.model.name, cfg.model.min_size, cfg.model.frozen_batchnorm_eps) == ("fasterrcnn_resnet50_fpn", 512, eps)
     assert cfg.model.weights == str(tmp_path / "b.pt")
+
+
+def test_a_round_keeps_its_base_builder_kwargs_under_the_overrides(tmp_path):
+    # representation_size shapes the box head's weights: a round that dropped it could not load its base
+    trained = load_config(None, ["model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
+                                 "model.builder_kwargs.representation_size=128",
+                                 "model.builder_kwargs.box_batch_size_per_image=64"])
+    args = argparse.Namespace(config=DEFAULT_CONFIG, overrides=["model.builder_kwargs.box_batch_size_per_image=32"],
+                              run_dir=tmp_path / "round", base=tmp_path / "b.pt")
+    cfg = round_config(args, {"config": config_to_dict(trained)}, tmp_path / "manifest.json", tmp_path / "b.pt")
+    assert cfg.model.builder_kwargs.representation_size == 128
+    assert cfg.model.builder_kwargs.box_batch_size_per_image == 32

@@ -142,9 +142,12 @@ def load_model_checkpoint(path: Path) -> dict:
 
 
 def round_config(args: argparse.Namespace, base: dict, manifest: Path, weights: Path) -> Config:
-    """The YAML, then the base's architecture and input size, then the overrides; then this round's paths."""
+    """The YAML, then the base's architecture, input size and builder arguments, then the overrides; then this
+    round's paths."""
     trained = trained_model_config(base, args.base)
     inherited = [f"model.{key}={json.dumps(getattr(trained, key))}" for key in INHERITED_MODEL_KEYS]  # YAML values
+    # its builder arguments too: representation_size shapes the weights; the rest as it was trained, by default
+    inherited += [f"model.builder_kwargs.{key}={value}" for key, value in trained.builder_kwargs.given().items()]
     cfg = load_config(args.config, inherited + list(args.overrides))
     return dataclasses.replace(
         cfg, run_dir=str(args.run_dir), data=dataclasses.replace(cfg.data, manifest=str(manifest)),
