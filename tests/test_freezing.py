@@ -66,11 +66,12 @@ def test_star_trains_everything_and_frozen_excludes():
     assert apply_phase(model, None) == total  # no schedule: everything trains
 
 
-def test_trainable_count_changes_between_the_demo_phases():
-    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml")
+def test_trainable_count_changes_between_phases():
+    phases = [FreezePhase(name="all_but_stem", start_epoch=0, train=["*"], frozen=["backbone.body.0"]),
+              FreezePhase(name="everything", start_epoch=1, train=["*"])]
     model = small_detector()
-    validate_schedule(model, cfg.freeze.phases)
-    first, second = (apply_phase(model, phase) for phase in cfg.freeze.phases)
+    validate_schedule(model, phases)
+    first, second = (apply_phase(model, phase) for phase in phases)
     stem = sum(p.numel() for n, p in model.named_parameters() if n.startswith("backbone.body.0."))
     assert stem > 0 and first == second - stem
     assert second == sum(parameter.numel() for parameter in model.parameters())
