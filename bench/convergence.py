@@ -7,7 +7,8 @@ same images, for several seeds; COCO AP and AP50 on a held-out split, per seed, 
   learning rate, weight decay, linear warm-up, then a constant or cosine rate; horizontal flips with
   `data.hflip_prob`) come from --config. Both loops build the model with train.model.build_model after
   torch.manual_seed(seed), so a seed gives both the same initial weights. Freezing phases are left out (the
-  reference has none); both train --batch-size images per step on one process.
+  reference has none); both train --batch-size images per step on one process, in float32 (no autocast, the
+  default memory format).
 - ours: train/main.py (strategy single) on data_prep shards, evaluated by train.evaluate on the val split.
 - reference: references/detection's dataset, transform and step (bench/gpu_train.py has them) with
   RandomSampler + BatchSampler(drop_last), evaluated as references/detection evaluates: one image at a time
@@ -117,7 +118,7 @@ def run_ours(settings: Settings, data: BenchData, seed: int, run_dir: Path) -> d
         f"data.manifest={data.manifest}", "data.test_split=val", f"data.batch_size={settings.batch_size}",
         f"data.num_workers={settings.workers}", "freeze.phases=[]", "optim.reference_batch_size=null",
         "optim.clip_grad_norm=null", f"train.epochs={settings.epochs}",
-        f"train.max_steps={settings.steps(data.train_images)}", "train.amp=off",
+        f"train.max_steps={settings.steps(data.train_images)}", "train.amp=off", "train.channels_last=false",
         "eval.every_epochs=0", "eval.test_at_end=true", "eval.score_threshold=0.0",
         "checkpoint.resume=false", "wandb.mode=disabled",
     ]
