@@ -314,3 +314,15 @@ def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_mani
             assert stored[name][metric] == (None if math.isnan(value) else pytest.approx(value))
     test_ids = json.loads((small_manifest.parent / "manifest.json").read_text())["splits"]["test"]["image_ids"]
     assert images == len(test_ids) and attributes > 0
+
+
+def test_query_piped_into_head_exits_cleanly(folder_run):
+    # scripts/demo.sh pipes a query into `head`, which may close the pipe before the query is written; under
+    # `set -o pipefail` a BrokenPipeError would fail the whole main job. `true` reads nothing at all.
+    db, _, _ = folder_run
+    result = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m train.extract query {db} --counts | true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

@@ -491,7 +491,12 @@ def _cell(value: object) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["query"]:
-        print_rows(run_query(parse_query_args(argv[1:])))
+        rows = run_query(parse_query_args(argv[1:]))
+        try:
+            print_rows(rows)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (`... | head`): not an error of the query
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
         return 0
     args = parse_args(argv)
     strategy = setup_strategy("auto", args.device)
