@@ -120,3 +120,28 @@ def test_baseline_targets_follow_the_reference_conversion(hflip_prob):
     assert tensor.dtype == torch.float32 and tensor.shape == (3, 60, 100)
     corner = tensor[:, 0, 99] if hflip_prob else tensor[:, 0, 0]
     assert corner.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_convergence_bench_trains_both_loops_per_seed_and_scores_ours_twice(tmp_path):
+    out = tmp_path / "convergence.jsonl"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {name: fasterrcnn_mobilenet_v3_large_320_fpn, min_size: 96, max_size: 128, "
+                      "frozen_batchnorm: false,\n"
+                      "        builder_kwargs: {box_batch_size_per_image: 16, representation_size: 32}}\n"
+                      "optim: {name: adamw, lr: 0.0005, schedule: cosine, warmup_steps: 1}\n")
+    result = run_script("convergence.py", [
+        "--config", str(config), "--seeds", "0", "1", "--epochs", "1", "--batch-size", "2", "--images", "10",
+        "--image-size", "96", "--workers", "0", "--out", str(out), "--work-dir", str(tmp_path / "work"),
+    ])
+    record = last_json_line(out)
+    assert record["seeds"] == [0, 1] and record["optim"]["name"] == "adamw"
+    assert record["model"]["builder_kwargs"]["representation_size"] == 32
+    for ours, reference in zip(record["ours"], record["reference"], strict=True):
+        assert set(ours) == {"AP", "AP50", "AP_by_reference_eval", "AP50_by_reference_eval"}
+        assert all(0.0 <= value <= 1.0 for value in [*ours.values(), *reference.values()])
+    # ours is a real train/main.py run that took the reference loop's number of steps (full batches only)
+    metrics = (tmp_path / "work" / "runs" / "ours-seed1" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in metrics if '"eval"' in line]
+    train_images = len(json.loads((tmp_path / "work" / "data" / "train.json").read_text())["images"])
+    assert [(e["split"], e["step"]) for e in evals] == [("val", train_images // 2)]
+    assert "| mean ± sd (min-max) |" in result.stdout
