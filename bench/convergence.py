@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 import torchvision
-from gpu_train import ReferenceCocoDetection, ReferenceTrainTransform, collate_fn, reference_train_step
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from reference_loop import ReferenceCocoDetection, ReferenceTrainTransform, collate_fn, reference_train_step
+from results import append_result
 from torch.optim.lr_scheduler import ChainedScheduler, CosineAnnealingLR, LinearLR, LRScheduler
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from torchvision.io import ImageReadMode, decode_image
@@ -274,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": platform.processor(),
               "threads": torch.get_num_threads()}
     print(markdown_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as file:
-        file.write(json.dumps(result) + "\n")
-    print(f"appended to {args.out}")
+    append_result(args.out, result)
     return 0
 
 

@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from results import append_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = Path("runs/demo_cpu")  # scripts/demo.sh's
@@ -104,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         print(f"  {p['minutes']:5.1f} min  {p['split']:<5} images seen {p['images_seen']:>5}  AP {p['AP']:.3f}  "
               f"AP50 {p['AP50']:.3f}")
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as file:
-        file.write(json.dumps(result) + "\n")
-    print(f"appended to {out}; plot {ROOT / args.plot}")
+    append_result(ROOT / args.out, result)
+    print(f"plot: {ROOT / args.plot}")
     return 0
 
 

@@ -102,7 +102,7 @@ def load_bench_module(name: str):
 @pytest.mark.parametrize("hflip_prob", [0.0, 1.0])
 def test_baseline_targets_follow_the_reference_conversion(hflip_prob):
     """xywh -> xyxy, clamped to the image; crowd and degenerate boxes dropped; labels from category ids."""
-    transform = load_bench_module("gpu_train").ReferenceTrainTransform({4: 1, 9: 2}, hflip_prob=hflip_prob)
+    transform = load_bench_module("reference_loop").ReferenceTrainTransform({4: 1, 9: 2}, hflip_prob=hflip_prob)
     image = Image.new("RGB", (100, 60), (10, 20, 30))
     image.putpixel((0, 0), (255, 255, 255))
     annotations = [

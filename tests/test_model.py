@@ -23,17 +23,16 @@ from torchvision.models import (
 )
 from torchvision.ops import FrozenBatchNorm2d
 
-import train.model as model_module
+import train.weights as weights_module
 from train.config import BuilderKwargs, ModelConfig, config_to_dict, load_config
-from train.model import (
+from train.detectors import DETECTION_BUILDERS
+from train.model import build_model, trained_model_config
+from train.weights import (
     CLASS_DEPENDENT_PREFIXES,
-    DETECTION_BUILDERS,
     PretrainedWeightsUnavailable,
-    build_model,
     fetch_starting_weights,
     load_state_dict_fitting,
     starting_weights,
-    trained_model_config,
 )
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -350,7 +349,7 @@ def test_without_network_the_error_says_where_to_put_the_file(
     assert "Temporary failure in name resolution" in message
     assert "or set model.weights to a local file path" in message
     assert error.value.__cause__ is None and error.value.__suppress_context__  # no urllib traceback attached
-    assert timeouts == [model_module.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() is None
+    assert timeouts == [weights_module.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() is None
     assert not (torch_home / "hub" / "checkpoints" / file_name).exists()
 
 
@@ -360,7 +359,7 @@ def test_a_silent_server_times_out_instead_of_hanging(torch_home: Path, monkeypa
         local_url = f"http://127.0.0.1:{server.getsockname()[1]}/fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"
         monkeypatch.setattr(torch.hub, "download_url_to_file",
                             lambda url, *args, **kwargs: REAL_DOWNLOAD(local_url, *args, **kwargs))
-        monkeypatch.setattr(model_module, "DOWNLOAD_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(weights_module, "DOWNLOAD_TIMEOUT_S", 0.5)
         started = time.monotonic()
         with pytest.raises(PretrainedWeightsUnavailable, match="timed out"):
             fetch_starting_weights(ModelConfig(SMALL, weights="COCO_V1"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.model import CLASS_DEPENDENT_PREFIXES
+from train.weights import CLASS_DEPENDENT_PREFIXES
 
 CLASS_MAJOR, ANCHOR_MAJOR = "class-major", "anchor-major"
 

@@ -70,7 +70,7 @@ class BuilderKwargs:
 @dataclass
 class ModelConfig:
     name: str = "fasterrcnn_resnet50_fpn"
-    # What the model starts from (train/model.py): a torchvision weights name for this model (DEFAULT,
+    # What the model starts from (train/weights.py): a torchvision weights name for this model (DEFAULT,
     # COCO_V1, FasterRCNN_ResNet50_FPN_Weights.COCO_V1), fetched through torch.hub's cache, or a local file (a
     # torchvision state dict or one of our checkpoints); None = random initialisation.
     weights: str | None = None

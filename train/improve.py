@@ -59,10 +59,11 @@ from train.data_union import write_union_manifest
 from train.evaluate import evaluate, per_class_metrics
 from train.loop import AMP_DTYPES
 from train.main import seed_everything, train
-from train.model import build_model, load_state_dict_fitting, trained_model_config
+from train.model import build_model, trained_model_config
 from train.shard_reader import ShardBatches, ShardLoader, split_shards
 from train.strategy import Strategy, setup_strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
+from train.weights import load_state_dict_fitting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_heads.yaml"
 SET_BY_THIS_COMMAND = {"data.manifest": "--data", "model.weights": "--base", "run_dir": "--run-dir"}

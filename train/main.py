@@ -30,11 +30,12 @@ from train.freezing import validate_schedule
 from train.gpu_stats import GpuStatsSampler
 from train.loop import Progress, Splits, Trainer
 from train.metrics import MetricsLogger
-from train.model import PretrainedWeightsUnavailable, build_model, fetch_starting_weights, starting_weights
+from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
 from train.shard_reader import samples_per_rank, split_shards
 from train.strategy import Strategy, setup_strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
+from train.weights import PretrainedWeightsUnavailable, fetch_starting_weights, starting_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
