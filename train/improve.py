@@ -8,7 +8,8 @@
 What happens, in order:
 1. The config is resolved: the YAML (default configs/finetune_heads.yaml: backbone body frozen, FPN and heads
    train), then the base model's architecture and input size (model.name, model.min_size, model.max_size from
-   the base checkpoint's config, and the eps of its FrozenBatchNorm2d layers), then the command-line overrides.
+   the base checkpoint's config, the eps of its FrozenBatchNorm2d layers and its model.builder_kwargs), then the
+   command-line overrides.
    data.manifest, model.weights and run_dir are this command's to set.
 2. The class list grows to the union of the base model's classes and the new data's (labels 1..K in order of
    category id). The data sets become one manifest under RUN_DIR/data (train/data_union.py); when the class
