@@ -10,6 +10,7 @@ python -m data_prep synth --out "$DATA/raw" --num-images "${DEMO_IMAGES:-2000}" 
 python -m data_prep shard --input "$DATA/raw/annotations/instances.json:$DATA/raw/images" --out "$DATA/shards" \
   --splits train=0.8,val=0.1,test=0.1 --shard-max-count 64 --overwrite
 python -m train.shard_reader "$DATA/shards/manifest.json"
+rm -rf "$RUN"  # a fresh run, as the data above is fresh: an old run directory would be resumed, not retrained
 torchrun --standalone --nproc_per_node=2 train/main.py --config configs/demo_cpu.yaml run_dir="$RUN" "$@"
 # The final checkpoint (the newest) carries the test metrics that the database records with the model.
 checkpoint="$(ls "$RUN"/checkpoint-*.pt | tail -n 1)"
