@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_prep.atomic_io import write_file_atomically
+from common.atomic_io import write_file_atomically
 from data_prep.shard_writer import ShardInfo
 
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_prep.atomic_io import write_file_atomically
+from common.atomic_io import write_file_atomically
 from data_prep.coco_input import AnnotationRecord, ImageRecord
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import data_prep
+import common
 from data_prep import splits as splitting
 from data_prep.coco_input import (
     AnnotationFileError,
@@ -457,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     write_report(args.out / REPORT_NAME, report_dict)
     remove_stale_outputs(args.out, keep={shard.file for shards, _ in written.values() for shard in shards})
     write_manifest(args.out / MANIFEST_NAME, build_manifest(
-        tool_version=data_prep.__version__,
+        tool_version=common.__version__,
         arguments=_arguments_record(args),
         inputs=[{"annotations": str(coco.spec.annotations), "images": str(coco.spec.images), "sha256": coco.sha256,
                  "test_input": coco.spec.is_test} for coco in inputs],

@@ -16,7 +16,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.atomic_io import TEMP_SUFFIX, fsync_directory
+from common.atomic_io import TEMP_SUFFIX, fsync_directory
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.atomic_io import write_json_atomically
+from common.atomic_io import write_json_atomically
 
 # Sparse ids, like COCO's, so that the id -> contiguous label mapping downstream is exercised.
 CATEGORIES = [

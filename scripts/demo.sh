@@ -14,11 +14,11 @@ rm -rf "$RUN"  # a fresh run, as the data above is fresh: an old run directory w
 torchrun --standalone --nproc_per_node=2 train/main.py --config configs/demo_cpu.yaml run_dir="$RUN" "$@"
 # The final checkpoint (the newest) carries the test metrics that the database records with the model.
 checkpoint="$(ls "$RUN"/checkpoint-*.pt | tail -n 1)"
-python -m train.extract "$checkpoint" --manifest "$DATA/shards/manifest.json" --split test \
+python -m extract "$checkpoint" --manifest "$DATA/shards/manifest.json" --split test \
   --db "$RUN/attributes.sqlite" --annotate 4 --annotate-dir "$RUN/annotated"
 echo "attribute counts in $RUN/attributes.sqlite:"
-python -m train.extract query "$RUN/attributes.sqlite" --counts
+python -m extract query "$RUN/attributes.sqlite" --counts
 echo "test images where a bottle was detected (first rows):"
-python -m train.extract query "$RUN/attributes.sqlite" --attribute bottle | head -n 4
+python -m extract query "$RUN/attributes.sqlite" --attribute bottle | head -n 4
 echo "annotated images: $(ls "$RUN"/annotated/* | tr '\n' ' ')"
 echo "main job done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

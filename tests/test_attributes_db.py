@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from attributes_helpers import postgres_schema_url
 
-from train.attributes_db import (
+from extract.database import (
     MIGRATIONS,
     POSTGRESQL,
     SCHEMA_VERSION,

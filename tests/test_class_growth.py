@@ -1,10 +1,10 @@
-"""train.class_growth: rows follow their category id when a new class shifts the labels."""
+"""improve.class_growth: rows follow their category id when a new class shifts the labels."""
 
 import pytest
 import torch
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
-from train.class_growth import grow_state_dict, label_mapping, needs_growth, union_categories
+from improve.class_growth import grow_state_dict, label_mapping, needs_growth, union_categories
 from train.config import ModelConfig
 from train.model import build_model
 

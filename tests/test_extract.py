@@ -1,4 +1,4 @@
-"""`python -m train.extract` for real: a checkpoint run over a folder and a shard split into SQLite and
+"""`python -m extract` for real: a checkpoint run over a folder and a shard split into SQLite and
 PostgreSQL, re-runs, a run killed mid-transaction, malformed files, annotated images, torchrun on 2 ranks."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from attributes_helpers import postgres_schema_url, write_checkpoint
 from PIL import Image
 
-from train.extract import CRASH_AT_BATCH_ENV, main
+from extract.cli import main
+from extract.run import CRASH_AT_BATCH_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -194,7 +195,7 @@ def test_shard_split_input(val_run, small_manifest):
 
 def test_killed_run_leaves_consistent_db_and_rerun_completes(checkpoint, small_manifest, val_run, tmp_path):
     db = tmp_path / "attributes.sqlite"
-    command = [sys.executable, "-m", "train.extract", str(checkpoint), "--db", str(db), "--manifest",
+    command = [sys.executable, "-m", "extract", str(checkpoint), "--db", str(db), "--manifest",
                str(small_manifest), "--split", "val", "--batch-size", "2", "--num-workers", "0",
                "--score-threshold", THRESHOLD, "--annotate", "0"]
     env = {**os.environ, CRASH_AT_BATCH_ENV: "3"}
@@ -219,7 +220,7 @@ def test_torchrun_two_processes_give_the_rows_of_one(checkpoint, image_folder, t
                        "--annotate", "0") == 0
     finally:
         torch.set_num_threads(threads)
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train.extract",
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "extract",
                str(checkpoint), "--db", str(double), "--input", str(image_folder), "--batch-size", "1",
                "--num-workers", "0", "--score-threshold", THRESHOLD, "--annotate", "all",
                "--annotate-dir", str(tmp_path / "annotated")]
@@ -321,7 +322,7 @@ def test_query_piped_into_head_exits_cleanly(folder_run):
     # `set -o pipefail` a BrokenPipeError would fail the whole main job. `true` reads nothing at all.
     db, _, _ = folder_run
     result = subprocess.run(
-        ["bash", "-c", f"set -o pipefail; {sys.executable} -m train.extract query {db} --counts | true"],
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m extract query {db} --counts | true"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr

@@ -22,11 +22,11 @@ import torch
 from data_prep.__main__ import main as data_prep_main
 from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
-from train.attributes_db import open_database
+from extract.database import open_database
+from improve.round import DEFAULT_CONFIG, round_config
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint
 from train.config import config_to_dict, load_config
 from train.evaluate import per_class_metrics
-from train.improve import DEFAULT_CONFIG, round_config
 from train.shard_reader import category_labels, decode_sample, iter_raw_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,8 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 def improve_command(nproc: int) -> list[str]:
     if nproc:
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "train.improve"]
-    return [sys.executable, "-m", "train.improve"]
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "improve"]
+    return [sys.executable, "-m", "improve"]
 
 
 def reject_non_json(constant: str):

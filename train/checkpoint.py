@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.atomic_io import fsync_directory
+from common.atomic_io import fsync_directory
 
 BEST_CHECKPOINT_NAME = "best.pt"
 _STEP_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")

@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from data_prep.atomic_io import write_json_atomically
+from common.atomic_io import write_json_atomically
 
 # Metric name -> index in COCOeval.stats for the 'bbox' iouType.
 METRIC_STATS_INDEX = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep import __version__
+from common import __version__
 from train.checkpoint import (
     best_checkpoint_path,
     capture_rng_state,

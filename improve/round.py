@@ -1,9 +1,9 @@
 """One round of the improvement loop: fine-tune the current best model on new data, keep it only if better.
 
-    python -m train.improve --base runs/improve/best.pt --data data/new/manifest.json [--data M2 ...] \\
+    python -m improve --base runs/improve/best.pt --data data/new/manifest.json [--data M2 ...] \\
         --test-manifest data/heldout/manifest.json --test-split test --db attributes.db --margin 0.0 \\
         --run-dir runs/improve/round-3 [--config configs/finetune_heads.yaml] [dotted.key=value ...]
-    torchrun --nproc_per_node=2 -m train.improve ...   # the same round, fine-tuned and evaluated under DDP
+    torchrun --nproc_per_node=2 -m improve ...   # the same round, fine-tuned and evaluated under DDP
 
 What happens, in order:
 1. The config is resolved: the YAML (default configs/finetune_heads.yaml: backbone body frozen, FPN and heads
@@ -12,10 +12,10 @@ What happens, in order:
    command-line overrides.
    data.manifest, model.weights and run_dir are this command's to set.
 2. The class list grows to the union of the base model's classes and the new data's (labels 1..K in order of
-   category id). The data sets become one manifest under RUN_DIR/data (train/data_union.py); when the class
+   category id). The data sets become one manifest under RUN_DIR/data (data_prep/data_union.py); when the class
    list changed, the base is written in the new shape to RUN_DIR/base-grown.pt with every known class's rows
-   kept by category id (train/class_growth.py), and fine-tuning starts from it.
-3. train/main.py's `train` fine-tunes into RUN_DIR (checkpoints, metrics, its own wandb run, resume).
+   kept by category id (improve/class_growth.py), and fine-tuning starts from it.
+3. `train` (train/training.py) fine-tunes into RUN_DIR (checkpoints, metrics, its own wandb run, resume).
 4. The base and the candidate (RUN_DIR/best.pt, the best validation AP, else the last checkpoint) are
    evaluated on the same fixed held-out split, each with its own class list against the same ground truth:
    a class a model does not know counts against it.
@@ -45,8 +45,11 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from configs import bundled_config
+from data_prep.data_union import write_union_manifest
 from data_prep.manifest import load_manifest
-from train.attributes_db import open_database
+from extract.database import open_database
+from improve.class_growth import grow_state_dict, needs_growth, union_categories
 from train.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CheckpointError,
@@ -54,19 +57,17 @@ from train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from train.class_growth import grow_state_dict, needs_growth, union_categories
 from train.config import Config, config_to_dict, load_config
-from train.data_union import write_union_manifest
 from train.evaluate import evaluate, per_class_metrics
 from train.loop import AMP_DTYPES
-from train.main import seed_everything, train
 from train.model import build_model, trained_model_config
 from train.shard_reader import ShardBatches, ShardLoader, split_shards
 from train.strategy import Strategy, setup_strategy
+from train.training import seed_everything, train
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
 from train.weights import load_state_dict_fitting
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_heads.yaml"
+DEFAULT_CONFIG = bundled_config("finetune_heads.yaml")
 SET_BY_THIS_COMMAND = {"data.manifest": "--data", "model.weights": "--base", "run_dir": "--run-dir"}
 # the base's architecture, input resolution and the FrozenBatchNorm2d eps its weights were trained with
 INHERITED_MODEL_KEYS = ("name", "min_size", "max_size", "frozen_batchnorm_eps")
@@ -97,7 +98,7 @@ class RoundOutcome:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.improve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m improve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, type=Path, help="checkpoint of the current best model")
     parser.add_argument("--data", required=True, action="append", type=Path,
@@ -390,6 +391,3 @@ def main(argv: list[str] | None = None) -> int:
     strategy.teardown()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from data_prep import __version__
+from common import __version__
 from data_prep.manifest import FORMAT_VERSION, load_manifest, write_manifest
 
 
