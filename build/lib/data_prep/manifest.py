@@ -1,0 +1,101 @@
+"""manifest.json: what a shard directory holds (see docs/data_format.md), written last and read by training.
+
+Its presence means the set is complete. The loader checks the format version and every key the training
+side relies on, so a wrong or truncated file fails at start-up with the file and key named, not mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.atomic_io import write_file_atomically
+from data_prep.shard_writer import ShardInfo
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "tool_version", "arguments", "inputs", "categories", "splits")
+CATEGORY_KEYS = ("label", "category_id", "name")
+SPLIT_KEYS = ("num_samples", "shards", "image_ids")
+SHARD_KEYS = ("file", "num_samples", "bytes", "sha256")
+
+
+def build_manifest(
+    *,
+    tool_version: str,
+    arguments: dict,
+    inputs: list[dict],
+    categories: dict[int, tuple[int, str]],
+    splits: dict[str, tuple[list[ShardInfo], list[int]]],
+) -> dict:
+    """categories: original id -> (label, name); splits: name -> (shards, image ids in sample order)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool_version": tool_version,
+        "arguments": arguments,
+        "inputs": inputs,
+        "categories": [
+            {"label": label, "category_id": category_id, "name": name}
+            for category_id, (label, name) in sorted(categories.items(), key=lambda item: item[1][0])
+        ],
+        "splits": {
+            name: {
+                "num_samples": len(image_ids),
+                "shards": [
+                    {"file": s.file, "num_samples": s.num_samples, "bytes": s.bytes, "sha256": s.sha256}
+                    for s in shards
+                ],
+                "image_ids": image_ids,
+            }
+            for name, (shards, image_ids) in splits.items()
+        },
+    }
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    write_file_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _require(path: Path, mapping: object, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: {repr(where) if where else 'the top level'} must be a JSON object")
+    for key in keys:
+        if key not in mapping:
+            raise ValueError(f"{path}: missing key '{where}.{key}'" if where else f"{path}: missing key '{key}'")
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Parse and check a manifest; ValueError names the file and the first missing key."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read manifest: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+    _require(path, manifest, ("format_version",), "")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest['format_version']!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    _require(path, manifest, REQUIRED_KEYS, "")
+    for index, category in enumerate(manifest["categories"]):
+        _require(path, category, CATEGORY_KEYS, f"categories[{index}]")
+    for name, split in manifest["splits"].items():
+        _require(path, split, SPLIT_KEYS, f"splits.{name}")
+        for index, shard in enumerate(split["shards"]):
+            _require(path, shard, SHARD_KEYS, f"splits.{name}.shards[{index}]")
+    return manifest
+
+
+def split_entry(manifest: dict, manifest_path: str | Path, split: str) -> dict:
+    """The manifest's record of one split; the error names the manifest and the splits it has."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"{manifest_path}: no split '{split}' (has {sorted(manifest['splits'])})")
+    return manifest["splits"][split]
+
+
+def shard_paths(manifest_path: str | Path, split: str) -> list[Path]:
+    """The split's shard files, resolved relative to the manifest's directory."""
+    manifest_path = Path(manifest_path)
+    entry = split_entry(load_manifest(manifest_path), manifest_path, split)
+    return [manifest_path.parent / shard["file"] for shard in entry["shards"]]

@@ -1,0 +1,5 @@
+import sys
+
+from improve.round import main
+
+sys.exit(main())

@@ -1,0 +1,329 @@
+"""The training loop: optimizer steps over exact epochs, with phase changes, checkpoints and evaluation between them.
+
+The step itself is `_forward_backward` + `_optimizer_step`; everything else happens at step or epoch boundaries,
+where every rank is at the same place, so collectives (DDP re-wrapping, RNG gathering, evaluation) are safe there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import __version__
+from train.checkpoint import (
+    best_checkpoint_path,
+    capture_rng_state,
+    prune_checkpoints,
+    save_checkpoint,
+    step_checkpoint_path,
+    tensor_hash,
+)
+from train.config import Config, config_to_dict
+from train.evaluate import evaluate, predict
+from train.freezing import apply_phase, phase_at
+from train.metrics import IntervalMeter, MetricsLogger
+from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
+from train.strategy import Strategy
+from train.wandb_run import log_detection_images
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row: the run stops rather than train (or save) garbage."""
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """DDP replicas no longer hold the same weights (the hazard of changing requires_grad under a live wrapper)."""
+
+
+def check_replicas_identical(model: nn.Module, strategy: Strategy) -> list[str]:
+    """Collective: every rank's parameter hash; raises when they differ, which DDP alone never reports."""
+    replica_hashes = strategy.all_gather_object(tensor_hash(dict(model.named_parameters())))
+    if len(set(replica_hashes)) > 1:
+        raise ReplicaDivergenceError(
+            f"model replicas differ across ranks ({replica_hashes}): some gradients were not all-reduced"
+        )
+    return replica_hashes
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint and restored on resume."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    samples_in_epoch: int = 0  # samples this rank consumed in the current epoch (the same on every rank)
+    images_seen: int = 0  # by the whole job
+    phase: int | None = None
+    best_ap: float = -1.0
+    nonfinite_in_a_row: int = 0
+
+
+@dataclass
+class Splits:
+    train: list[Shard]
+    val: list[Shard]
+    test: list[Shard]
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        strategy: Strategy,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None,
+        splits: Splits,
+        categories: list[dict],
+        logger: MetricsLogger,
+        progress: Progress,
+    ):
+        self.cfg, self.strategy, self.model_without_ddp = cfg, strategy, model
+        self.optimizer, self.lr_schedule, self.scaler = optimizer, lr_schedule, scaler
+        self.splits, self.categories, self.logger, self.progress = splits, categories, logger, progress
+        self.run_dir = Path(cfg.run_dir)
+        self.device = strategy.device
+        self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
+        self.test_metrics: dict[str, float] | None = None  # set after the final test evaluation
+        self.model = self._apply_phase(initial=True)
+
+    # ---- freezing phases -------------------------------------------------------------------------------------
+    def _apply_phase(self, initial: bool = False) -> nn.Module:
+        """Set requires_grad for the current phase and (re)build the DDP wrapper on all ranks together.
+
+        DDP registers only the parameters that require grad when it is built: a parameter unfrozen under a live
+        wrapper would never be all-reduced and the replicas would drift apart silently.
+        """
+        phases = self.cfg.freeze.phases
+        index = phase_at(phases, self.progress.epoch, self.progress.step)
+        if not initial and index == self.progress.phase:
+            return self.model
+        self.progress.phase = index
+        trainable = apply_phase(self.model_without_ddp, phases[index]) if index is not None else sum(
+            p.numel() for p in self.model_without_ddp.parameters() if p.requires_grad
+        )
+        name = phases[index].name if index is not None else "all"
+        self.logger.log_event("phase", step=self.progress.step, epoch=self.progress.epoch, phase=name,
+                              trainable_parameters=trainable)
+        return self.strategy.wrap(self.model_without_ddp)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def _to_device(self, images, targets):
+        images = [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+        targets = [
+            {"boxes": t["boxes"].to(self.device, non_blocking=True), "labels": t["labels"].to(self.device)}
+            for t in targets
+        ]
+        return images, targets
+
+    def _forward_backward(self, images, targets, sync_gradients: bool) -> dict[str, torch.Tensor]:
+        no_sync = getattr(self.model, "no_sync", None)
+        with (nullcontext() if sync_gradients or no_sync is None else no_sync()):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = self.model(images, targets)
+            loss = sum(losses.values())
+            debug, this_step = self.cfg.debug, self.progress.step + 1  # steps count from 1, as logged
+            if debug.nan_at_step is not None and 0 <= this_step - debug.nan_at_step < debug.nan_steps:
+                loss = loss * float("nan")
+            loss = loss / self.cfg.optim.accumulate_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return {name: value.detach() for name, value in losses.items()}
+
+    def _optimizer_step(self) -> bool:
+        """Clip and step; returns False (and skips the update) when the gradients are not finite.
+
+        Gradients are already all-reduced here, so every rank sees the same norm and takes the same decision.
+        This is the loop's one host sync per step; Faster R-CNN syncs many times per step anyway (NMS, sampling).
+        """
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.clip_grad_norm or math.inf
+        grad_norm = nn.utils.clip_grad_norm_(
+            [p for p in self.model_without_ddp.parameters() if p.grad is not None], max_norm
+        )
+        finite = bool(torch.isfinite(grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.lr_schedule.step()
+        return finite
+
+    def _after_nonfinite_step(self, finite: bool) -> None:
+        progress = self.progress
+        if finite:
+            progress.nonfinite_in_a_row = 0
+            return
+        progress.nonfinite_in_a_row += 1
+        self.logger.log_event("nonfinite_step_skipped", step=progress.step, in_a_row=progress.nonfinite_in_a_row)
+        if progress.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{progress.nonfinite_in_a_row} non-finite losses in a row at step {progress.step}: stopping "
+                f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); the last checkpoint in "
+                f"{self.run_dir} holds finite weights. Lower optim.lr, set optim.clip_grad_norm or use amp bf16."
+            )
+
+    # ---- the epochs ------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, progress = self.cfg, self.progress
+        meter = IntervalMeter(warmup_steps=cfg.train.throughput_warmup_steps, device=self.device)
+        while progress.epoch < cfg.train.epochs:
+            if self._reached_max_steps() or not self._train_epoch(meter):
+                self.save_checkpoint()  # train.max_steps stopped the run inside an epoch
+                return
+            self._finish_epoch()
+            if self._reached_max_steps():
+                return
+
+    def _finish_epoch(self) -> None:
+        """Next epoch's position and phase, validation (best.pt), and the epoch-end checkpoint."""
+        cfg, progress = self.cfg, self.progress
+        progress.epoch += 1
+        progress.samples_in_epoch = 0
+        self.model = self._apply_phase()
+        if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
+            metrics = self.evaluate(cfg.data.val_split, self.splits.val)
+            if metrics["AP"] > progress.best_ap:
+                progress.best_ap = metrics["AP"]
+                self.save_checkpoint(best=True)
+        self.save_checkpoint()
+
+    def _reached_max_steps(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.progress.step >= self.cfg.train.max_steps
+
+    def _train_epoch(self, meter: IntervalMeter) -> bool:
+        """Train from the current position; True when the epoch's last sample was consumed."""
+        cfg, progress = self.cfg, self.progress
+        dataset = ShardBatches(
+            self.splits.train, batch_size=self.loader_batch_size, seed=cfg.seed, epoch=progress.epoch,
+            rank=self.strategy.rank, world_size=self.strategy.world_size, training=True,
+            start_sample=progress.samples_in_epoch, shuffle_buffer=cfg.data.shuffle_buffer,
+            hflip_prob=cfg.data.hflip_prob, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+            labels=category_labels(self.categories),
+        )
+        loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        self.model.train()
+        micro_batches, accumulated, window_images = len(dataset), 0, 0
+        data_start = time.perf_counter()
+        for index, (images, targets) in enumerate(loader):
+            meter.data_done(time.perf_counter() - data_start)
+            images, targets = self._to_device(images, targets)
+            accumulated += 1
+            last_of_window = accumulated == cfg.optim.accumulate_steps or index == micro_batches - 1
+            losses = self._forward_backward(images, targets, sync_gradients=last_of_window)
+            progress.samples_in_epoch += len(images)
+            window_images += len(images)
+            meter.step_done(losses, images=len(images))
+            if not last_of_window:
+                data_start = time.perf_counter()
+                continue
+            finite = self._optimizer_step()
+            progress.step += 1
+            # every rank's batches have the same sizes (the reader's plan), so this counts the whole job exactly
+            progress.images_seen += window_images * self.strategy.world_size
+            accumulated, window_images = 0, 0
+            self._after_nonfinite_step(finite)
+            self._maybe_fail()
+            if progress.step % cfg.train.log_every == 0:
+                self._log_interval(meter)
+            if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+            self.model = self._apply_phase()
+            if self._reached_max_steps():
+                break
+            data_start = time.perf_counter()
+        return progress.samples_in_epoch == dataset.num_samples
+
+    def _log_interval(self, meter: IntervalMeter) -> None:
+        values = meter.summary()
+        per_rank = self.strategy.all_gather_object(values.get("images_per_s"))
+        if all(rate is not None for rate in per_rank):
+            values.update({f"images_per_s/rank{rank}": rate for rank, rate in enumerate(per_rank)})
+            values["images_per_s"] = sum(per_rank)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        phase = self.progress.phase
+        values["phase"] = self.cfg.freeze.phases[phase].name if phase is not None else "all"
+        self.logger.log_train(self.progress.step, self.progress.epoch, self.progress.images_seen, values)
+
+    def _maybe_fail(self) -> None:
+        """Test hook: one rank dies hard at a given step, on the first attempt only (torchrun restarts it)."""
+        debug = self.cfg.debug
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+        if debug.fail_at_step == self.progress.step and self.strategy.rank == debug.fail_rank and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- checkpoints and evaluation --------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        rng_states = self.strategy.all_gather_object(capture_rng_state())
+        replica_hashes = check_replicas_identical(self.model_without_ddp, self.strategy)
+        return {
+            "model": self.model_without_ddp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "progress": asdict(self.progress),
+            "rng": rng_states,
+            "replica_hashes": replica_hashes,
+            "world_size": self.strategy.world_size,
+            "categories": self.categories,
+            "test_metrics": self.test_metrics,
+            "config": config_to_dict(self.cfg),
+            "version": __version__,
+        }
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Collective: every rank contributes its RNG state; rank 0 writes atomically."""
+        state = self.checkpoint_state()
+        if self.strategy.is_main:
+            if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
+                raise NonFiniteLossError("refusing to write a checkpoint with non-finite weights")
+            step = self.progress.step
+            path = best_checkpoint_path(self.run_dir) if best else step_checkpoint_path(self.run_dir, step)
+            save_checkpoint(state, path)
+            if not best:
+                prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
+                self.logger.log_event("checkpoint", step=self.progress.step, path=str(path))
+        self.strategy.barrier()
+
+    def evaluate(self, split: str, shards: list[Shard]) -> dict[str, float]:
+        dataset = ShardBatches(
+            shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
+            world_size=self.strategy.world_size, training=False, labels=category_labels(self.categories),
+        )
+        loader = ShardLoader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        metrics = evaluate(
+            self.model_without_ddp, loader, self.categories, self.strategy, self.device,
+            out_path=self.run_dir / f"detections_{split}.json", amp_dtype=self.amp_dtype,
+            score_threshold=self.cfg.eval.score_threshold,
+        )
+        self.logger.log_eval(self.progress.step, self.progress.epoch, split, metrics)
+        if split == self.cfg.data.val_split:
+            self._log_validation_images(shards)
+        return metrics
+
+    def _log_validation_images(self, shards: list[Shard]) -> None:
+        """The first few validation images with their predicted boxes, to wandb (rank 0, which owns the run)."""
+        count = self.cfg.wandb.log_images
+        if self.logger.wandb_run is None or count == 0:
+            return
+        images, _ = next(iter(ShardBatches(shards, batch_size=count, seed=self.cfg.seed, epoch=0, training=False)))
+        self.model_without_ddp.eval()
+        predictions = predict(self.model_without_ddp, images, self.device, self.amp_dtype)
+        self.model_without_ddp.train()
+        log_detection_images(self.logger.wandb_run, images, predictions,
+                             {int(c["label"]): c["name"] for c in self.categories}, step=self.progress.step)

@@ -1,0 +1,109 @@
+"""Build a torchvision box detector for our class count and load its starting weights into it.
+
+The detector is always built by its torchvision builder *without* weights, so that it depends on the config
+alone and a checkpoint rebuilds exactly; then its starting weights are loaded (train/weights.py). The builder's
+own keyword arguments come from `model.builder_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+from train.config import ModelConfig, model_config_from_dict
+from train.detectors import DETECTION_BUILDERS, DETECTOR_CLASSES, FIXED_SIZE_MODELS
+from train.freezing import freeze_batchnorm
+from train.weights import (
+    WeightsReport,
+    fetch_starting_weights,
+    freeze_backbone_layers_as_torchvision,
+    frozen_batchnorm_eps,
+    load_starting_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsReport]:
+    """Build detector `cfg.name` on the CPU with a head for `num_classes` (background included) and load its
+    starting weights (`cfg.weights` or `cfg.weights_backbone`).
+
+    With `cfg.frozen_batchnorm` the backbone's BatchNorm2d layers become FrozenBatchNorm2d, as torchvision does
+    for pretrained backbones: batches of 2 images per GPU are too small for useful batch statistics.
+
+    Torchvision weights by name start as torchvision's builder would set them up, so that fine-tuning starts
+    from the model torchvision measured: FrozenBatchNorm2d with the eps it used (`frozen_batchnorm_eps`), and the
+    backbone layers its builder freezes by default (all but its default trainable_backbone_layers) get
+    requires_grad False; a freezing schedule (freeze.phases) replaces that choice. (For the _v2 models and SSDlite
+    torchvision keeps BatchNorm2d; model.frozen_batchnorm: false matches that.) The builder itself cannot do
+    this here: with weights it insists on 91 classes, and a rebuild from a checkpoint must not need the file.
+    A local file gives its tensors only: what trains is the schedule's choice (everything, without one).
+    A name's file is downloaded into torch.hub's cache if it is not there yet (see `fetch_starting_weights`).
+    """
+    name = cfg.name
+    start = fetch_starting_weights(cfg)  # before the build: a missing file fails before any work
+    size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
+    if name in FIXED_SIZE_MODELS:
+        log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
+    builder_kwargs = cfg.builder_kwargs.given()
+    representation_size = builder_kwargs.pop("representation_size", None)
+    _check_builder_kwargs(name, builder_kwargs)
+    model = DETECTION_BUILDERS[name](
+        weights=None, weights_backbone=None, num_classes=num_classes, **size_kwargs, **builder_kwargs
+    )
+    if representation_size is not None:
+        resize_box_head(model, name, representation_size, num_classes)
+    if cfg.frozen_batchnorm:
+        frozen = freeze_batchnorm(model.backbone, frozen_batchnorm_eps(cfg))
+        log.info("model %s: %d BatchNorm2d layers of the backbone frozen", name, frozen)
+    if start is None:
+        return model, WeightsReport()
+    report = load_starting_weights(model, start)
+    if start.named is not None:
+        frozen_parameters = freeze_backbone_layers_as_torchvision(model, cfg)
+        log.info("model %s: %d backbone parameters frozen as torchvision's builder does", name, frozen_parameters)
+    return model, report
+
+
+def trained_model_config(state: Mapping, path: str | Path) -> ModelConfig:
+    """How the model in checkpoint `state` (read from `path`) was built, without its starting weights: the
+    checkpoint's own state dict replaces them. Their FrozenBatchNorm2d eps stays (it is no tensor, so the state
+    dict does not hold it). Options a checkpoint predates take today's defaults."""
+    saved = model_config_from_dict(state["config"]["model"], str(path))
+    return dataclasses.replace(
+        saved, weights=None, weights_backbone=None, frozen_batchnorm_eps=frozen_batchnorm_eps(saved)
+    )
+
+
+# ---- the model's options ---------------------------------------------------------------------------------------------
+def _check_builder_kwargs(name: str, builder_kwargs: Mapping[str, object]) -> None:
+    """A keyword the model's class does not take is a config error, not a TypeError from deep inside."""
+    accepted = inspect.signature(DETECTOR_CLASSES[name].__init__).parameters
+    unknown = [key for key in builder_kwargs if key not in accepted]
+    if unknown:
+        raise ValueError(
+            f"model.builder_kwargs.{unknown[0]} does not apply to {name} ({DETECTOR_CLASSES[name].__name__} "
+            "does not take it); leave it null for this model"
+        )
+
+
+def resize_box_head(model: nn.Module, name: str, representation_size: int, num_classes: int) -> None:
+    """Give Faster R-CNN's two-layer box head (and so its predictor) `representation_size` features.
+
+    The head maps every sampled proposal's 256x7x7 pooled features through two fully connected layers; at
+    torchvision's 1024 it is most of a small model's training step on the CPU (see docs/benchmarks.md).
+    """
+    box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    if not isinstance(box_head, TwoMLPHead):
+        raise ValueError(
+            f"model.builder_kwargs.representation_size applies to Faster R-CNN models with a two-layer box head, "
+            f"not to {name}"
+        )
+    model.roi_heads.box_head = TwoMLPHead(box_head.fc6.in_features, representation_size)
+    model.roi_heads.box_predictor = FastRCNNPredictor(representation_size, num_classes)

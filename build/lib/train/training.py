@@ -1,0 +1,130 @@
+"""Training as a library call, `train(cfg, strategy)`: what train/main.py runs, and what the improvement round
+runs in-process under its own strategy.
+
+What happens, in order: the model is built for the manifest's classes and loads its starting weights; the run
+resumes from the newest valid checkpoint in the run directory; the trainer runs the epochs (phase changes,
+checkpoints, validation); the test split is evaluated at the end.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.manifest import load_manifest
+from train.checkpoint import latest_valid_checkpoint, restore_rng_state
+from train.config import Config, config_to_dict, save_config
+from train.freezing import validate_schedule
+from train.gpu_stats import GpuStatsSampler
+from train.loop import Progress, Splits, Trainer
+from train.metrics import MetricsLogger
+from train.model import build_model
+from train.optim import build_lr_schedule, build_optimizer, scaled_lr
+from train.shard_reader import samples_per_rank, split_shards
+from train.strategy import Strategy
+from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
+from train.weights import PretrainedWeightsUnavailable, fetch_starting_weights
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_if_possible(cfg: Config, strategy: Strategy, model, optimizer, lr_schedule, scaler) -> Progress:
+    """Restore everything from the newest valid checkpoint, or start fresh; every rank reads the same file."""
+    found = latest_valid_checkpoint(Path(cfg.run_dir)) if cfg.checkpoint.resume else None
+    if found is None:
+        return Progress()
+    path, state = found
+    progress = Progress(**state["progress"])
+    if state["world_size"] != strategy.world_size:
+        raise RuntimeError(
+            f"{path} was written by a job of world size {state['world_size']}, this one has "
+            f"{strategy.world_size}: the reader position and RNG states are per rank. Resume with the same "
+            "number of processes, or start a new run_dir from it with model.weights."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"][strategy.rank])
+    if strategy.is_main:
+        print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
+    return progress
+
+
+def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
+    """Download torchvision weights the config names into torch.hub's cache, once per machine: local rank 0
+    fetches while the other ranks wait in the gather, then every rank raises the same error if that failed."""
+    error = None
+    if strategy.local_rank == 0:
+        try:
+            fetch_starting_weights(cfg.model)
+        except PretrainedWeightsUnavailable as unavailable:
+            error = str(unavailable)
+    errors = [message for message in strategy.all_gather_object(error) if message]
+    if errors:
+        raise PretrainedWeightsUnavailable(errors[0])
+
+
+def train(cfg: Config, strategy: Strategy) -> None:
+    run_dir = Path(cfg.run_dir)
+    manifest = load_manifest(cfg.data.manifest)
+    categories = manifest["categories"]
+    splits = Splits(*(split_shards(cfg.data.manifest, name)
+                      for name in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    model, weights_report = build_model(cfg.model, len(categories) + 1)
+    validate_schedule(model, cfg.freeze.phases)
+    model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    if cfg.train.compile_backbone:
+        model.backbone.compile()  # in place: checkpoints keep their keys
+    seed_everything(cfg.seed + strategy.rank)  # different RPN/ROI sampling draws per rank
+
+    loader_batch = strategy.loader_batch_size(cfg.data.batch_size)
+    global_batch = loader_batch * strategy.world_size * cfg.optim.accumulate_steps
+    batches_per_epoch = -(-samples_per_rank(splits.train, rank=0, world_size=strategy.world_size, training=True)
+                          // loader_batch)
+    steps_per_epoch = -(-batches_per_epoch // cfg.optim.accumulate_steps)
+    optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
+    lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+    scaler = torch.amp.GradScaler(strategy.device.type) if cfg.train.amp == "fp16" else None
+    progress = resume_if_possible(cfg, strategy, model, optimizer, lr_schedule, scaler)
+
+    wandb_run = None
+    gpu_stats = GpuStatsSampler()
+    if strategy.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        gpu_stats.start()
+        wandb_run = start_wandb_run(
+            run_dir, config_to_dict(cfg), resolve_wandb_mode(cfg.wandb.mode), cfg.wandb.project, cfg.wandb.group,
+            cfg.wandb.name, {"strategy": strategy.kind, "world_size": strategy.world_size,
+                             "global_batch": global_batch, "gpu_names": gpu_stats.gpu_names()},
+        )
+        print(f"{strategy}; global batch {global_batch}; {steps_per_epoch} steps/epoch\n{weights_report}", flush=True)
+    logger = MetricsLogger(run_dir, enabled=strategy.is_main, wandb_run=wandb_run, gpu_stats=gpu_stats)
+
+    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, categories, logger, progress)
+    try:
+        trainer.fit()
+        if cfg.eval.test_at_end:
+            trainer.test_metrics = trainer.evaluate(cfg.data.test_split, splits.test)
+            trainer.save_checkpoint()  # the final checkpoint carries its test metrics (extraction records them)
+    finally:
+        gpu_stats.stop()
+        logger.close()
+        if wandb_run is not None:
+            finish(wandb_run)
+    if strategy.is_main:
+        print(f"run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  checkpoints: "
+              f"{run_dir}/checkpoint-*.pt, best: {run_dir / 'best.pt'}\n  wandb: "
+              f"{getattr(wandb_run, 'dir', 'disabled')}", flush=True)
