@@ -1,5 +1,0 @@
-import sys
-
-from improve.round import main
-
-sys.exit(main())
