@@ -17,8 +17,8 @@ from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.manifest import load_manifest, shard_paths
-from data_prep.shard import PENDING_CHUNKS_PER_WORKER, Workers
 from data_prep.synth import write_synthetic_coco
+from data_prep.workers import PENDING_CHUNKS_PER_WORKER, Workers
 
 # ---- helpers, also used by the other test_shard_* files -------------------------------------------------
 
