@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -55,14 +55,33 @@ def load_photo(name: str, longest_side: int = LONGEST_SIDE) -> Image.Image:
 def make_planted_images(directory: Path) -> list[PlantedImage]:
     """Write the planted files into `directory` (created if needed) and describe what each should give."""
     directory.mkdir(parents=True, exist_ok=True)
-    planted: list[PlantedImage] = []
+    plant = _Planter(directory)
+    hopper, clean = _plant_size_and_progressive(plant)
+    _plant_bit_depth_and_exif3(plant)
+    astronaut = load_photo("astronaut.png")
+    plant("rgb.png", _png(astronaut), astronaut.size, "reencoded_to_jpeg", ("reencoded_to_jpeg",), astronaut.size)
+    _plant_palette_and_exif6(plant)
+    _plant_cmyk_and_alpha(plant)
+    _plant_rejections(plant, hopper, clean, astronaut)
+    return plant.planted
 
-    def plant(file_name: str, data: bytes | None, size: tuple[int | None, int | None], expected: str,
-              fixes: tuple[str, ...] = (), stored: tuple[int, int] | None = None) -> None:
+
+@dataclass
+class _Planter:
+    """Writes each planted file and records what it should give; the planting order sets the image ids."""
+
+    directory: Path
+    planted: list[PlantedImage] = field(default_factory=list)
+
+    def __call__(self, file_name: str, data: bytes | None, size: tuple[int | None, int | None], expected: str,
+                 fixes: tuple[str, ...] = (), stored: tuple[int, int] | None = None) -> None:
         if data is not None:
-            (directory / file_name).write_bytes(data)
-        planted.append(PlantedImage(file_name, size[0], size[1], expected, fixes, stored))
+            (self.directory / file_name).write_bytes(data)
+        self.planted.append(PlantedImage(file_name, size[0], size[1], expected, fixes, stored))
 
+
+def _plant_size_and_progressive(plant: _Planter) -> tuple[Image.Image, bytes]:
+    """The clean baseline, missing and mismatched sizes, a progressive JPEG; returns the baseline photo and bytes."""
     hopper = load_photo("grace_hopper.jpg")
     clean = _jpeg(hopper, quality=90)
     plant("clean_baseline.jpg", clean, hopper.size, "ok", (), hopper.size)
@@ -72,7 +91,11 @@ def make_planted_images(directory: Path) -> list[PlantedImage]:
     plant("size_mismatch.jpg", clean, (hopper.width + 10, hopper.height), "size_mismatch")
     plant("progressive.jpg", _jpeg(rocket, quality=90, progressive=True), rocket.size,
           "progressive_to_baseline", ("progressive_to_baseline",), rocket.size)
+    return hopper, clean
 
+
+def _plant_bit_depth_and_exif3(plant: _Planter) -> None:
+    """Grayscale, 16-bit grayscale and RGB PNGs, and a JPEG rotated 180 degrees by EXIF (size unchanged)."""
     camera = load_photo("camera.png")
     plant("grayscale.jpg", _jpeg(camera), camera.size, "grayscale_to_rgb", ("grayscale_to_rgb",), camera.size)
     gray16 = Image.fromarray(np.asarray(camera).astype(np.uint16) * 257)  # 8-bit value v -> 16-bit v * 257
@@ -85,9 +108,9 @@ def make_planted_images(directory: Path) -> list[PlantedImage]:
     plant("exif3.jpg", _jpeg(motorcycle, exif_orientation=3), motorcycle.size, "exif_orientation_applied",
           ("exif_orientation_applied",), motorcycle.size)
 
-    astronaut = load_photo("astronaut.png")
-    plant("rgb.png", _png(astronaut), astronaut.size, "reencoded_to_jpeg", ("reencoded_to_jpeg",), astronaut.size)
 
+def _plant_palette_and_exif6(plant: _Planter) -> None:
+    """A palette PNG, and one EXIF-6 JPEG whose annotation states the displayed size, the raw size or none."""
     coffee = load_photo("coffee.png")  # landscape, so EXIF orientations 5..8 swap width and height
     plant("palette.png", _png(coffee.quantize(64)), coffee.size, "palette_to_rgb",
           ("reencoded_to_jpeg", "palette_to_rgb"), coffee.size)
@@ -100,6 +123,9 @@ def make_planted_images(directory: Path) -> list[PlantedImage]:
     plant("exif6_size_missing.jpg", rotated, (None, None), "exif_orientation_applied",
           ("exif_orientation_applied", "size_filled_from_file"), portrait)
 
+
+def _plant_cmyk_and_alpha(plant: _Planter) -> None:
+    """A CMYK JPEG, a palette PNG with a transparent index and an RGBA cut-out."""
     chelsea = load_photo("chelsea.png")
     plant("cmyk.jpg", _jpeg(chelsea.convert("CMYK")), chelsea.size, "cmyk_to_rgb", ("cmyk_to_rgb",), chelsea.size)
     palette = chelsea.quantize(32)
@@ -110,6 +136,9 @@ def make_planted_images(directory: Path) -> list[PlantedImage]:
     plant("rgba.png", _png(cutout), cutout.size, "alpha_composited", ("reencoded_to_jpeg", "alpha_composited"),
           cutout.size)
 
+
+def _plant_rejections(plant: _Planter, hopper: Image.Image, clean: bytes, astronaut: Image.Image) -> None:
+    """Files that must be rejected: not an image, truncated, empty, missing, or claiming too many pixels."""
     plant("undecodable.jpg", b"<html><body>404 Not Found</body></html>\n" * 20, (64, 64), "undecodable")
     plant("truncated.jpg", clean[: len(clean) * 2 // 3], hopper.size, "truncated")
     astronaut_png = _png(astronaut)
@@ -120,7 +149,6 @@ def make_planted_images(directory: Path) -> list[PlantedImage]:
     plant("missing.jpg", None, (64, 64), "missing_file")
     plant("too_large.png", _png_header_only(TOO_LARGE_SIDE, TOO_LARGE_SIDE), (TOO_LARGE_SIDE, TOO_LARGE_SIDE),
           "too_large")
-    return planted
 
 
 def _cutout(photo: Image.Image, silhouette: Image.Image) -> Image.Image:

@@ -73,12 +73,8 @@ def _start(run_dir):
     )
 
 
-def test_offline_run_logs_metrics_and_images_and_reattaches_after_restart(no_wandb_credentials, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    run_dir = no_wandb_credentials.parent / "run"
-
-    run = _start(run_dir)
-    run_id = run.id
+def _log_one_of_each(run, run_dir):
+    """A train step, an evaluation and one image with a kept and a below-threshold box, then finish."""
     logger = MetricsLogger(run_dir, wandb_run=run, print_fn=lambda line: None)
     logger.log_train(
         step=5,
@@ -97,11 +93,10 @@ def test_offline_run_logs_metrics_and_images_and_reattaches_after_restart(no_wan
     finish(run)
     logger.close()
 
-    assert (run_dir / RUN_ID_FILE_NAME).read_text().strip() == run_id
-    run_files = list(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
-    assert len(run_files) == 1
-    records = _inspect_records(run_files[0])
 
+def _check_logged_run(run_file: Path):
+    """The offline run file holds the config, the train/eval history, the kept box and the step axes."""
+    records = _inspect_records(run_file)
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["seed"] == 7 and config["strategy"] == "ddp" and config["world_size"] == 2
     history = _history(records)
@@ -113,7 +108,7 @@ def test_offline_run_logs_metrics_and_images_and_reattaches_after_restart(no_wan
     images = next(item for item in history if "eval/predictions.filenames" in item)
     assert images["_step"] == 6 and images["eval/predictions.width"] == 64
     boxes_file = images["eval/predictions.all_boxes"][0]["predictions"]["path"]
-    boxes = json.loads((run_files[0].parent / "files" / boxes_file).read_text())
+    boxes = json.loads((run_file.parent / "files" / boxes_file).read_text())
     assert boxes["box_data"] == [
         {
             "position": {"minX": 4.0, "minY": 6.0, "maxX": 30.0, "maxY": 40.0},
@@ -130,6 +125,20 @@ def test_offline_run_logs_metrics_and_images_and_reattaches_after_restart(no_wan
     }
     assert metric_axes["train/*"] == "step" and metric_axes["eval/*"] == "step"
     assert metric_axes["images_seen"] == "step"
+
+
+def test_offline_run_logs_metrics_and_images_and_reattaches_after_restart(no_wandb_credentials, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = no_wandb_credentials.parent / "run"
+
+    run = _start(run_dir)
+    run_id = run.id
+    _log_one_of_each(run, run_dir)
+
+    assert (run_dir / RUN_ID_FILE_NAME).read_text().strip() == run_id
+    run_files = list(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
+    assert len(run_files) == 1
+    _check_logged_run(run_files[0])
 
     # Offline run directories are named to the second; a real restart takes longer than that.
     time.sleep(1.0 - time.time() % 1.0)
