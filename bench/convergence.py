@@ -53,7 +53,7 @@ from launch.torchrun import TRAIN_SCRIPT
 from train.checkpoint import load_checkpoint
 from train.config import Config, OptimConfig, load_config
 from train.metrics import METRICS_FILE_NAME
-from train.model import build_model, trained_model_config
+from train.model import build_model, model_from_checkpoint
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,7 @@ def run_ours(settings: Settings, data: BenchData, seed: int, run_dir: Path) -> d
     own = next(r for r in reversed(records) if r.get("kind") == "eval" and r.get("split") == "val")
     checkpoint = max(run_dir.glob("checkpoint-*.pt"))
     state = load_checkpoint(checkpoint)
-    model, _ = build_model(trained_model_config(state, checkpoint), len(state["categories"]) + 1)
-    model.load_state_dict(state["model"])
+    model, _ = model_from_checkpoint(state, checkpoint)
     reference = reference_evaluate(model, data)
     return {"AP": own["AP"], "AP50": own["AP50"], "AP_by_reference_eval": reference["AP"],
             "AP50_by_reference_eval": reference["AP50"]}

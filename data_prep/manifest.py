@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.atomic_io import write_file_atomically
+from common.atomic_io import write_json_atomically
 from data_prep.shard_writer import ShardInfo
 
 FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ def build_manifest(
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    write_file_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json_atomically(path, manifest, indent=2)
 
 
 def _require(path: Path, mapping: object, keys: tuple[str, ...], where: str) -> None:

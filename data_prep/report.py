@@ -6,11 +6,10 @@ Counts are kept next to the events that justify them, and the totals must balanc
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
-from common.atomic_io import write_file_atomically
+from common.atomic_io import write_json_atomically
 from data_prep.coco_input import AnnotationRecord, ImageRecord
 
 
@@ -82,7 +81,7 @@ class Report:
 
 
 def write_report(path: Path, report: dict) -> None:
-    write_file_atomically(path, (json.dumps(report, indent=1) + "\n").encode())
+    write_json_atomically(path, report, indent=1)
 
 
 def format_report_table(report: dict) -> str:

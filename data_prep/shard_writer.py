@@ -2,21 +2,20 @@
 
 webdataset's own TarWriter stamps the current time into every member, so the tars are written here with
 tarfile directly: USTAR format, mtime 0, uid/gid 0, empty owner names, mode 0644, members in the order
-given. The same samples therefore give byte-identical shards. Every file is written under a temporary name,
-flushed, fsynced and renamed, so a reader never sees a partial shard.
+given. The same samples therefore give byte-identical shards. Every file is written through
+common/atomic_io.py (temporary name, fsync, rename), so a reader never sees a partial shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic_io import TEMP_SUFFIX, fsync_directory
+from common.atomic_io import AtomicFile, temp_file_destination
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
@@ -30,8 +29,7 @@ class OutputDirError(ValueError):
 
 
 def _is_own_output(name: str) -> bool:
-    if name.endswith(TEMP_SUFFIX):
-        name = name[: -len(TEMP_SUFFIX)]
+    name = temp_file_destination(name) or name
     return name in (MANIFEST_NAME, REPORT_NAME) or bool(SHARD_NAME.match(name))
 
 
@@ -58,7 +56,7 @@ def remove_stale_outputs(out_dir: Path, keep: set[str]) -> list[str]:
     removed = []
     for path in sorted(out_dir.iterdir()):
         stale_shard = SHARD_NAME.match(path.name) and path.name not in keep
-        if stale_shard or (path.name.endswith(TEMP_SUFFIX) and _is_own_output(path.name)):
+        if stale_shard or (temp_file_destination(path.name) and _is_own_output(path.name)):
             path.unlink()
             removed.append(path.name)
     return removed
@@ -118,7 +116,8 @@ class ShardWriter:
         self.out_dir, self.split = out_dir, split
         self.max_count, self.max_bytes = max_count, max_bytes
         self.shards: list[ShardInfo] = []
-        self._file = self._hashing = self._tar = None
+        self._out: AtomicFile | None = None
+        self._hashing = self._tar = None
         self._count = self._content_bytes = 0
 
     def __enter__(self) -> ShardWriter:
@@ -127,15 +126,11 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
             self._finish_shard()
-        elif self._file is not None:
-            self._file.close()
-            self._temp_path().unlink(missing_ok=True)
+        elif self._out is not None:
+            self._out.discard()
 
     def _name(self) -> str:
         return f"{self.split}-{len(self.shards):05d}.tar"
-
-    def _temp_path(self) -> Path:
-        return self.out_dir / (self._name() + TEMP_SUFFIX)
 
     def write(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Add one sample: members are (extension, data), written as KEY.extension in the order given."""
@@ -145,8 +140,8 @@ class ShardWriter:
         if self._tar is not None and (full or too_big):
             self._finish_shard()
         if self._tar is None:
-            self._file = open(self._temp_path(), "wb")
-            self._hashing = _HashingFile(self._file)
+            self._out = AtomicFile(self.out_dir / self._name())
+            self._hashing = _HashingFile(self._out.file)
             self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.USTAR_FORMAT)
         for extension, data in members:
             info = tarfile.TarInfo(f"{key}.{extension}")
@@ -161,12 +156,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        name = self._name()
-        os.replace(self._temp_path(), self.out_dir / name)
-        fsync_directory(self.out_dir)
-        self.shards.append(ShardInfo(name, self._count, self._hashing.tell(), self._hashing.hexdigest()))
-        self._file = self._hashing = self._tar = None
+        self._out.publish()
+        self.shards.append(ShardInfo(self._name(), self._count, self._hashing.tell(), self._hashing.hexdigest()))
+        self._out = self._hashing = self._tar = None
         self._count = self._content_bytes = 0

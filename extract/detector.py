@@ -8,9 +8,9 @@ from pathlib import Path
 
 from torch import nn
 
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_model_checkpoint
 from train.evaluate import per_class_metrics
-from train.model import build_model, trained_model_config
+from train.model import model_from_checkpoint
 
 
 @dataclass
@@ -28,29 +28,17 @@ class Detector:
 
 def load_detector(path: Path, score_threshold: float, max_detections: int) -> Detector:
     """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly."""
-    state = load_checkpoint(path)
-    missing = [key for key in ("model", "categories", "config") if key not in state]
-    if missing:
-        raise ValueError(f"{path}: not a train/main.py checkpoint (missing {', '.join(missing)})")
-    model_cfg = trained_model_config(state, path)
+    state = load_model_checkpoint(path)
+    model, model_cfg = model_from_checkpoint(state, path)
     categories = {int(c["label"]): (str(c["name"]), int(c["category_id"])) for c in state["categories"]}
-    model, _ = build_model(model_cfg, len(categories) + 1)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit model {model_cfg.name}: {error}") from error
     limit_detections(model, score_threshold, max_detections)
     test_ap_per_class = per_class_metrics(state.get("test_metrics") or {})
     return Detector(model.eval(), model_cfg.name, categories, stored_test_map(state), test_ap_per_class)
 
 
 def stored_test_map(state: dict) -> float | None:
-    """COCO AP on the test split when the checkpoint records one as state["test_metrics"]["AP"], else None.
-
-    train/main.py records test metrics only in the checkpoint written after its final test evaluation; for
-    the others (best.pt, earlier checkpoints) this is None: the database then says "unknown" rather than
-    passing a validation AP off as a test AP.
-    """
+    """The test-split COCO AP the checkpoint records (state["test_metrics"]["AP"]); None when it records none or
+    the AP is undefined there (NaN): the database then says "unknown"."""
     value = (state.get("test_metrics") or {}).get("AP")
     return None if value is None or value != value else float(value)  # NaN: undefined on that split
 

@@ -34,10 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +42,7 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from common.atomic_io import copy_file_atomically, write_text_atomically
 from configs import bundled_config
 from data_prep.data_union import write_union_manifest
 from data_prep.manifest import load_manifest
@@ -54,18 +52,17 @@ from train.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CheckpointError,
     latest_valid_checkpoint,
-    load_checkpoint,
+    load_model_checkpoint,
     save_checkpoint,
 )
 from train.config import Config, config_to_dict, load_config
 from train.evaluate import evaluate, per_class_metrics
 from train.loop import AMP_DTYPES
-from train.model import build_model, trained_model_config
+from train.model import build_model, model_from_checkpoint, trained_model_config
 from train.shard_reader import ShardBatches, ShardLoader, split_shards
 from train.strategy import Strategy, setup_strategy
 from train.training import seed_everything, train
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
-from train.weights import load_state_dict_fitting
 
 DEFAULT_CONFIG = bundled_config("finetune_heads.yaml")
 SET_BY_THIS_COMMAND = {"data.manifest": "--data", "model.weights": "--base", "run_dir": "--run-dir"}
@@ -133,15 +130,6 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"{path}: no such file")
     if not sum(shard.num_samples for shard in split_shards(args.test_manifest, args.test_split)):
         raise ValueError(f"{args.test_manifest}: split '{args.test_split}' is empty: nothing to score on")
-
-
-def load_model_checkpoint(path: Path) -> dict:
-    """A checkpoint written by train/main.py: its weights, class list and config are all needed here."""
-    state = load_checkpoint(path)
-    missing = [key for key in ("model", "categories", "config") if key not in state]
-    if missing:
-        raise ValueError(f"{path}: not a checkpoint of train/main.py (missing {', '.join(missing)})")
-    return state
 
 
 def round_config(args: argparse.Namespace, base: dict, manifest: Path, weights: Path) -> Config:
@@ -243,10 +231,7 @@ def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config
                         out_path: Path) -> dict[str, float]:
     """COCO metrics of a checkpoint on a manifest split, the model built as it was trained (its config)."""
     state = load_model_checkpoint(path)
-    model, _ = build_model(trained_model_config(state, path), len(state["categories"]) + 1)
-    report = load_state_dict_fitting(model, state["model"], source=path)
-    if report.skipped or report.missing:
-        raise ValueError(f"{path}: its head does not fit its own class list ({report})")
+    model, _ = model_from_checkpoint(state, path)
     categories = load_manifest(test_manifest)["categories"]
     model = ToManifestLabels(model, state["categories"], categories).to(strategy.device)
     dataset = ShardBatches(split_shards(test_manifest, split), batch_size=cfg.data.batch_size, seed=cfg.seed,
@@ -265,27 +250,12 @@ def decide(base_metrics: dict[str, float], candidate_metrics: dict[str, float], 
     return candidate_map > base_map + margin
 
 
-def install_atomically(source: Path, destination: Path) -> None:
-    """Copy source over destination so that a reader sees the old file or the whole new one, never a part."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, destination)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_round_record(outcome: RoundOutcome, path: Path) -> None:
-    """The round as strict JSON: metrics that COCOeval cannot define (NaN) are written as null."""
+    """The round as strict JSON, atomically: metrics that COCOeval cannot define (NaN) are written as null."""
     record = dataclasses.asdict(outcome)
     for key in ("base_metrics", "candidate_metrics"):
         record[key] = {name: None if math.isnan(value) else value for name, value in record[key].items()}
-    path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    write_text_atomically(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def class_names(categories: list[dict]) -> list[str]:
@@ -312,7 +282,7 @@ def promote_and_record(db_url: str, outcome: RoundOutcome, architecture: str, ba
         candidate_id = db.register_model(outcome.candidate, architecture, class_names(candidate["categories"]),
                                          outcome.candidate_map, per_class_metrics(outcome.candidate_metrics))
         if outcome.promoted:
-            install_atomically(Path(outcome.candidate), promote_to)
+            copy_file_atomically(Path(outcome.candidate), promote_to)
         db.record_improvement_round(outcome.round_index, base_id, candidate_id, outcome.data,
                                     outcome.schedule, outcome.base_map, outcome.candidate_map,
                                     outcome.promoted, outcome.margin)

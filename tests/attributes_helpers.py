@@ -24,7 +24,7 @@ TEST_AP_PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.75, "gt_boxes": 4},
 POSTGRES_URL_ENV = "TEST_POSTGRES_URL"
 
 
-def write_checkpoint(manifest: Path, path: Path, test_map: float | None = None) -> Path:
+def write_checkpoint(manifest: Path, path: Path, test_map: float | None = None, frozen_batchnorm: bool = False) -> Path:
     """A randomly initialised detector for the manifest's classes, saved as train/loop.py saves one.
 
     Its box head and classification layer get a wider random init than torchvision's, so scores spread out
@@ -32,7 +32,7 @@ def write_checkpoint(manifest: Path, path: Path, test_map: float | None = None) 
     """
     categories = load_manifest(manifest)["categories"]
     cfg = load_config(None, [f"data.manifest={manifest}", f"model.name={MODEL_NAME}", "model.min_size=96",
-                             "model.max_size=128", "model.frozen_batchnorm=false"])
+                             "model.max_size=128", f"model.frozen_batchnorm={str(frozen_batchnorm).lower()}"])
     torch.manual_seed(0)
     model, _ = build_model(cfg.model, len(categories) + 1)
     for layer in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):

@@ -18,16 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from attributes_helpers import write_checkpoint
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
+import improve.round
 from data_prep.__main__ import main as data_prep_main
 from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
 from extract.database import open_database
-from improve.round import DEFAULT_CONFIG, round_config
-from train.checkpoint import latest_valid_checkpoint, load_checkpoint
+from extract.detector import load_detector
+from improve.round import DEFAULT_CONFIG, evaluate_checkpoint, round_config
+from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 from train.config import config_to_dict, load_config
 from train.evaluate import per_class_metrics
 from train.shard_reader import category_labels, decode_sample, iter_raw_samples
+from train.strategy import setup_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -242,3 +248,19 @@ def test_a_round_keeps_its_base_builder_kwargs_under_the_overrides(tmp_path):
     cfg = round_config(args, {"config": config_to_dict(trained)}, tmp_path / "manifest.json", tmp_path / "b.pt")
     assert cfg.model.builder_kwargs.representation_size == 128
     assert cfg.model.builder_kwargs.box_batch_size_per_image == 32
+
+
+@pytest.mark.parametrize("frozen_batchnorm", [True, False])
+def test_extraction_and_the_round_rebuild_a_checkpoint_alike(small_manifest, tmp_path, monkeypatch, frozen_batchnorm):
+    # both build through train/model.py: model_from_checkpoint, so both get the BatchNorm kind it was trained with
+    path = write_checkpoint(small_manifest, tmp_path / "best.pt", frozen_batchnorm=frozen_batchnorm)
+    evaluated = []
+    monkeypatch.setattr(improve.round, "evaluate", lambda model, *args, **kwargs: evaluated.append(model.model) or {})
+    cfg = load_config(None, [f"data.manifest={small_manifest}", "data.num_workers=0"])
+    evaluate_checkpoint(path, small_manifest, "test", cfg, setup_strategy("single", "cpu"), tmp_path / "d.json")
+    extracted = load_detector(path, score_threshold=0.5, max_detections=10).model
+
+    for model in (extracted, *evaluated):
+        kinds = {type(m) for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)}
+        assert kinds == {FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d}
+    assert tensor_hash(extracted.state_dict()) == tensor_hash(evaluated[0].state_dict())

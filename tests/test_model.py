@@ -24,9 +24,10 @@ from torchvision.models import (
 from torchvision.ops import FrozenBatchNorm2d
 
 import train.weights as weights_module
+from train.checkpoint import load_model_checkpoint, save_checkpoint, tensor_hash
 from train.config import BuilderKwargs, ModelConfig, config_to_dict, load_config
 from train.detectors import DETECTION_BUILDERS
-from train.model import build_model, trained_model_config
+from train.model import build_model, model_from_checkpoint, trained_model_config
 from train.weights import (
     CLASS_DEPENDENT_PREFIXES,
     PretrainedWeightsUnavailable,
@@ -191,6 +192,35 @@ def test_builder_kwargs_reach_the_detector_and_resize_the_box_head() -> None:
     state = {"config": config_to_dict(cfg), "model": model.state_dict()}
     rebuilt, _ = build_model(trained_model_config(state, "run/checkpoint.pt"), 6)
     rebuilt.load_state_dict(state["model"])
+
+
+@pytest.mark.parametrize("frozen_batchnorm", [True, False])
+def test_a_checkpoint_rebuilds_as_trained_with_its_weights(tmp_path: Path, frozen_batchnorm: bool) -> None:
+    cfg = load_config(None, ["model.name=" + SMALL, "model.min_size=96", "model.max_size=128",
+                             f"model.frozen_batchnorm={str(frozen_batchnorm).lower()}"])
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, 4)
+    categories = [{"category_id": i, "label": i, "name": f"c{i}"} for i in (1, 2, 3)]
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "categories": categories, "config": config_to_dict(cfg)}, path)
+
+    rebuilt, rebuilt_cfg = model_from_checkpoint(load_model_checkpoint(path), path)
+
+    assert rebuilt_cfg.frozen_batchnorm is frozen_batchnorm and rebuilt_cfg.weights is None
+    assert batchnorm_kinds(rebuilt) == {FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d}
+    assert tensor_hash(rebuilt.state_dict()) == tensor_hash(model.state_dict())
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_class_list_names_the_file(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.name=" + SMALL, "model.min_size=128", "model.max_size=160"])
+    four_classes = small_model(5, seed=0)
+    state = {"model": four_classes.state_dict(), "categories": [{}, {}, {}], "config": config_to_dict(cfg)}
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'best.pt'}: weights do not fit model {SMALL}"):
+        model_from_checkpoint(state, tmp_path / "best.pt")
+
+
+def batchnorm_kinds(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)}
 
 
 def test_builder_kwargs_the_model_does_not_take_are_a_config_error() -> None:

@@ -116,7 +116,7 @@ def test_rerun_replaces_a_previous_output_and_its_stale_shards(tmp_path, image_d
     out = tmp_path / "out"
     first = shard_ok(out, f"{annotations}:{image_dir}", splits="train=1.0", shard_max_count=1)
     assert [s["file"] for s in first["splits"]["train"]["shards"]] == ["train-00000.tar", "train-00001.tar"]
-    (out / "train-00001.tar.tmp").write_bytes(b"left by a killed run")
+    (out / ".train-00001.tar.k2x9q0ab.tmp").write_bytes(b"left by a killed run")
     second = shard_ok(out, f"{annotations}:{image_dir}", splits="train=1.0", shard_max_count=10)
     assert [s["file"] for s in second["splits"]["train"]["shards"]] == ["train-00000.tar"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.json", "train-00000.tar"]

@@ -9,10 +9,8 @@ them and is never pruned.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic_io import fsync_directory
+from common.atomic_io import temp_file_destination, write_atomically
 
 BEST_CHECKPOINT_NAME = "best.pt"
 _STEP_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")
-_TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -41,34 +38,24 @@ def best_checkpoint_path(run_dir: Path) -> Path:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write `state` to `path` so that a reader sees either the old file or the complete new one.
+    """Write `state` to `path` atomically (common/atomic_io.py): a reader sees the old file or the whole new one.
 
-    The data goes to a temporary file in the same directory (same filesystem, so the rename is atomic), is
-    fsynced, reloaded with weights_only=True (a state that could not be resumed from is an error now, not at
-    resume time), renamed over `path`, and the directory is fsynced so the rename survives a power loss.
+    The temporary file is reloaded with weights_only=True before it is published: a state that could not be
+    resumed from is an error now, not at resume time, and the file at `path` stays as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    temp_path = Path(temp_name)
+    write_atomically(path, lambda file: torch.save(state, file), verify=lambda temp: _check_loadable(temp, path))
+
+
+def _check_loadable(temp_path: Path, path: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            # mmap: unpickles and checks every global without reading the tensor data into memory.
-            torch.load(temp_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:
-            raise CheckpointError(
-                f"{path}: state is not loadable with torch.load(weights_only=True) "
-                f"(store only tensors, dicts, lists, tuples, str, int, float, bool, None): {error}"
-            ) from error
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+        # mmap: unpickles and checks every global without reading the tensor data into memory.
+        torch.load(temp_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: state is not loadable with torch.load(weights_only=True) "
+            f"(store only tensors, dicts, lists, tuples, str, int, float, bool, None): {error}"
+        ) from error
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -82,6 +69,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, found {type(state).__name__}")
+    return state
+
+
+def load_model_checkpoint(path: Path) -> dict:
+    """A checkpoint of a trained model: `load_checkpoint`, and it must hold the model's weights, class list and
+    config (what rebuilding the model needs)."""
+    state = load_checkpoint(path)
+    missing = [key for key in ("model", "categories", "config") if key not in state]
+    if missing:
+        raise ValueError(f"{path}: not a checkpoint of train/main.py (missing {', '.join(missing)})")
     return state
 
 
@@ -124,7 +121,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
         raise ValueError(f"checkpoint.keep_last must be at least 1, got {keep_last}")
     run_dir = Path(run_dir)
     doomed = [path for _, path in list_step_checkpoints(run_dir)[:-keep_last]]
-    doomed += [path for path in run_dir.glob(f".*{_TEMP_SUFFIX}") if path.is_file()]
+    doomed += [path for path in run_dir.iterdir() if temp_file_destination(path.name) and path.is_file()]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from common.atomic_io import write_text_atomically
+
 COMMAND_LINE = "command line"
 
 
@@ -255,10 +257,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML; load_config(path) gives back an equal Config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically; load_config(path) gives back an equal Config."""
+    write_text_atomically(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _read_yaml_file(path: Path) -> dict[str, Any]:

@@ -81,6 +81,19 @@ def trained_model_config(state: Mapping, path: str | Path) -> ModelConfig:
     )
 
 
+def model_from_checkpoint(state: Mapping, path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """The trained model in checkpoint `state` (read from `path`; see train/checkpoint.py: load_model_checkpoint),
+    on the CPU: built as it was trained (`trained_model_config`: name, sizes, BatchNorm kind and eps, builder
+    arguments) with a head for its class list, and its weights loaded strictly."""
+    model_cfg = trained_model_config(state, path)
+    model, _ = build_model(model_cfg, len(state["categories"]) + 1)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit model {model_cfg.name}: {error}") from error
+    return model, model_cfg
+
+
 # ---- the model's options ---------------------------------------------------------------------------------------------
 def _check_builder_kwargs(name: str, builder_kwargs: Mapping[str, object]) -> None:
     """A keyword the model's class does not take is a config error, not a TypeError from deep inside."""

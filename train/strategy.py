@@ -100,10 +100,10 @@ class Strategy:
 
         A DDP wrapper's reducer keeps the process group alive, and DDP sits in reference cycles, so an
         unreferenced wrapper lives on until the garbage collector runs. If that is at interpreter exit, gloo's
-        threads are torn down too late and about one two-process CPU run in eight aborted with "terminate
-        called without an active exception" (SIGABRT) after training had finished; collecting first, then a
-        barrier (see /work/shared/PLATFORM.md), made 54 of 54 runs clean. On an error path do not call this:
-        a peer may be stuck in a collective, and torchrun ends the other workers anyway.
+        threads are torn down too late and the process can abort with "terminate called without an active
+        exception" (SIGABRT) after training has finished. So the garbage is collected first, and a barrier keeps
+        any rank from destroying the group while a peer still uses it. On an error path do not call this: a peer
+        may be stuck in a collective, and torchrun ends the other workers anyway.
         """
         if self.kind == "ddp" and dist.is_initialized():
             gc.collect()
