@@ -19,8 +19,9 @@ What happens, in order:
 4. The base and the candidate (RUN_DIR/best.pt, the best validation AP, else the last checkpoint) are
    evaluated on the same fixed held-out split, each with its own class list against the same ground truth:
    a class a model does not know counts against it.
-5. The candidate is promoted (copied atomically to --promote-to, default RUN_DIR/../best.pt) only when its
-   AP exceeds the base's by more than --margin; otherwise nothing is written there and the base stays best.
+5. The candidate is promoted (copied atomically to --promote-to, default RUN_DIR/../best.pt, the copy checked
+   against it first) only when its AP exceeds the base's by more than --margin; otherwise nothing is written
+   there and the base stays best.
 6. The round (data, schedule, both scores, decision) goes to the database, to RUN_DIR/round.json and to an
    offline-first wandb run under RUN_DIR/decision.
 
