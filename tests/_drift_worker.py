@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from train.loop import ReplicaDivergenceError, check_replicas_identical
+from train.run_checkpoint import ReplicaDivergenceError, check_replicas_identical
 from train.strategy import setup_strategy
 
 

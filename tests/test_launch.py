@@ -18,6 +18,7 @@ from launch.single_node import main as single_node_main
 from launch.slurm_command import gpus_per_node, slurm_torchrun_command
 from launch.torchrun import TRAIN_SCRIPT
 from train.checkpoint import latest_valid_checkpoint
+from train.run_checkpoint import KILL_BEFORE_CHECKPOINT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -66,10 +67,10 @@ def test_single_node_without_gpus_starts_one_cpu_process():
 def test_single_node_restarts_a_failed_worker_group(small_manifest, tmp_path):
     """Rank 0 is killed after step 1 on the first attempt, before its checkpoint; torchrun (through the
     wrapper) starts the group again and the second attempt trains to the end."""
-    overrides = tiny_training(small_manifest, tmp_path) + ["debug.fail_at_step=1", "debug.fail_rank=0"]
+    overrides = tiny_training(small_manifest, tmp_path)
     command = [sys.executable, "-m", "launch.single_node", "--nproc=1", "--max-restarts=1", "--", *overrides]
-    result = subprocess.run(command, cwd=ROOT, env=launcher_env(), capture_output=True, text=True,
-                            timeout=300)
+    env = {**launcher_env(), KILL_BEFORE_CHECKPOINT_ENV: "0:1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith(shlex.join([*TORCHRUN, "--standalone", "--nproc-per-node=1"]))
     starts = [record for record in records(tmp_path) if record.get("event") == "phase"]

@@ -190,14 +190,6 @@ class WandbConfig:
 
 
 @dataclass
-class DebugConfig:
-    fail_at_step: int | None = _rule(None, min=0)  # test hook: fail_rank fails at this optimizer step (once)
-    fail_rank: int = _rule(1, min=0)
-    nan_at_step: int | None = _rule(None, min=0)  # test hook: the loss is made NaN from this step...
-    nan_steps: int = _rule(1, min=1)  # ...for this many steps
-
-
-@dataclass
 class Config:
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -211,7 +203,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 class _Loader(yaml.SafeLoader):

@@ -7,29 +7,20 @@ where every rank is at the same place, so collectives (DDP re-wrapping, RNG gath
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import __version__
-from train.checkpoint import (
-    best_checkpoint_path,
-    capture_rng_state,
-    prune_checkpoints,
-    save_checkpoint,
-    step_checkpoint_path,
-    tensor_hash,
-)
-from train.config import Config, config_to_dict
+from train.checkpoint import best_checkpoint_path, load_checkpoint
+from train.config import Config
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
+from train.run_checkpoint import Progress, RunCheckpointer
 from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
 from train.strategy import Strategy
 from train.wandb_run import log_detection_images
@@ -39,33 +30,6 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row: the run stops rather than train (or save) garbage."""
-
-
-class ReplicaDivergenceError(RuntimeError):
-    """DDP replicas no longer hold the same weights (the hazard of changing requires_grad under a live wrapper)."""
-
-
-def check_replicas_identical(model: nn.Module, strategy: Strategy) -> list[str]:
-    """Collective: every rank's parameter hash; raises when they differ, which DDP alone never reports."""
-    replica_hashes = strategy.all_gather_object(tensor_hash(dict(model.named_parameters())))
-    if len(set(replica_hashes)) > 1:
-        raise ReplicaDivergenceError(
-            f"model replicas differ across ranks ({replica_hashes}): some gradients were not all-reduced"
-        )
-    return replica_hashes
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint and restored on resume."""
-
-    epoch: int = 0
-    step: int = 0  # optimizer steps done
-    samples_in_epoch: int = 0  # samples this rank consumed in the current epoch (the same on every rank)
-    images_seen: int = 0  # by the whole job
-    phase: int | None = None
-    best_ap: float = -1.0
-    nonfinite_in_a_row: int = 0
 
 
 @dataclass
@@ -96,7 +60,7 @@ class Trainer:
         self.device = strategy.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
-        self.test_metrics: dict[str, float] | None = None  # set after the final test evaluation
+        self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, categories, logger)
         self.model = self._apply_phase(initial=True)
 
     # ---- freezing phases -------------------------------------------------------------------------------------
@@ -133,11 +97,7 @@ class Trainer:
         with (nullcontext() if sync_gradients or no_sync is None else no_sync()):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 losses = self.model(images, targets)
-            loss = sum(losses.values())
-            debug, this_step = self.cfg.debug, self.progress.step + 1  # steps count from 1, as logged
-            if debug.nan_at_step is not None and 0 <= this_step - debug.nan_at_step < debug.nan_steps:
-                loss = loss * float("nan")
-            loss = loss / self.cfg.optim.accumulate_steps
+            loss = sum(losses.values()) / self.cfg.optim.accumulate_steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         return {name: value.detach() for name, value in losses.items()}
 
@@ -184,7 +144,7 @@ class Trainer:
         meter = IntervalMeter(warmup_steps=cfg.train.throughput_warmup_steps, device=self.device)
         while progress.epoch < cfg.train.epochs:
             if self._reached_max_steps() or not self._train_epoch(meter):
-                self.save_checkpoint()  # train.max_steps stopped the run inside an epoch
+                self.checkpointer.save(progress)  # train.max_steps stopped the run inside an epoch
                 return
             self._finish_epoch()
             if self._reached_max_steps():
@@ -200,8 +160,8 @@ class Trainer:
             metrics = self.evaluate(cfg.data.val_split, self.splits.val)
             if metrics["AP"] > progress.best_ap:
                 progress.best_ap = metrics["AP"]
-                self.save_checkpoint(best=True)
-        self.save_checkpoint()
+                self.checkpointer.save(progress, best=True)
+        self.checkpointer.save(progress)
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.progress.step >= self.cfg.train.max_steps
@@ -238,11 +198,10 @@ class Trainer:
             progress.images_seen += window_images * self.strategy.world_size
             accumulated, window_images = 0, 0
             self._after_nonfinite_step(finite)
-            self._maybe_fail()
             if progress.step % cfg.train.log_every == 0:
                 self._log_interval(meter)
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
-                self.save_checkpoint()
+                self.checkpointer.save(progress)
             self.model = self._apply_phase()
             if self._reached_max_steps():
                 break
@@ -260,47 +219,12 @@ class Trainer:
         values["phase"] = self.cfg.freeze.phases[phase].name if phase is not None else "all"
         self.logger.log_train(self.progress.step, self.progress.epoch, self.progress.images_seen, values)
 
-    def _maybe_fail(self) -> None:
-        """Test hook: one rank dies hard at a given step, on the first attempt only (torchrun restarts it)."""
-        debug = self.cfg.debug
-        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
-        if debug.fail_at_step == self.progress.step and self.strategy.rank == debug.fail_rank and first_attempt:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    # ---- checkpoints and evaluation --------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        rng_states = self.strategy.all_gather_object(capture_rng_state())
-        replica_hashes = check_replicas_identical(self.model_without_ddp, self.strategy)
-        return {
-            "model": self.model_without_ddp.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "progress": asdict(self.progress),
-            "rng": rng_states,
-            "replica_hashes": replica_hashes,
-            "world_size": self.strategy.world_size,
-            "categories": self.categories,
-            "test_metrics": self.test_metrics,
-            "config": config_to_dict(self.cfg),
-            "version": __version__,
-        }
-
-    def save_checkpoint(self, best: bool = False) -> None:
-        """Collective: every rank contributes its RNG state; rank 0 writes atomically."""
-        state = self.checkpoint_state()
-        if self.strategy.is_main:
-            if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
-                raise NonFiniteLossError("refusing to write a checkpoint with non-finite weights")
-            step = self.progress.step
-            path = best_checkpoint_path(self.run_dir) if best else step_checkpoint_path(self.run_dir, step)
-            save_checkpoint(state, path)
-            if not best:
-                prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last)
-                self.logger.log_event("checkpoint", step=self.progress.step, path=str(path))
-        self.strategy.barrier()
-
-    def evaluate(self, split: str, shards: list[Shard]) -> dict[str, float]:
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, split: str, shards: list[Shard], at: Progress | None = None,
+                 detections_suffix: str = "") -> dict[str, float]:
+        """COCO metrics of the model on `split`, logged at `at` (default: now); rank 0 writes the detections to
+        detections_<split><detections_suffix>.json."""
+        at = at or self.progress
         dataset = ShardBatches(
             shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
             world_size=self.strategy.world_size, training=False, labels=category_labels(self.categories),
@@ -308,13 +232,45 @@ class Trainer:
         loader = ShardLoader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         metrics = evaluate(
             self.model_without_ddp, loader, self.categories, self.strategy, self.device,
-            out_path=self.run_dir / f"detections_{split}.json", amp_dtype=self.amp_dtype,
+            out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
             score_threshold=self.cfg.eval.score_threshold,
         )
-        self.logger.log_eval(self.progress.step, self.progress.epoch, split, metrics)
+        self.logger.log_eval(at.step, at.epoch, split, metrics)
         if split == self.cfg.data.val_split:
             self._log_validation_images(shards)
         return metrics
+
+    def test_final_and_best(self) -> None:
+        """Evaluate the test split and record the metrics in the checkpoint of the weights they measure.
+
+        The final checkpoint (written again now, at the last step) gets the final weights' test metrics. best.pt,
+        when validation in this run wrote one, gets the test metrics of best.pt's weights: when no optimizer step
+        came after it (the last validation was the best) those are the final weights and the metrics are reused;
+        otherwise its weights are evaluated too, logged as a test evaluation at best.pt's step, with detections
+        in detections_<split>_best.json. Extraction reads either file's test_metrics["AP"] as the model's test AP.
+        """
+        split, shards = self.cfg.data.test_split, self.splits.test
+        final_metrics = self.evaluate(split, shards)
+        self.checkpointer.save(self.progress, test_metrics=final_metrics)
+        if self.progress.best_ap < 0:  # no validation ran: this run wrote no best.pt
+            return
+        best_path = best_checkpoint_path(self.run_dir)
+        best = load_checkpoint(best_path)  # every rank: all evaluate its weights, or none does
+        best_progress = Progress(**best["progress"])
+        if best_progress.step == self.progress.step:
+            best_metrics = final_metrics
+        else:
+            best_metrics = self._evaluate_weights(best["model"], split, shards, at=best_progress)
+        self.checkpointer.record_test_metrics(best_path, best, best_metrics)
+
+    def _evaluate_weights(self, weights: dict, split: str, shards: list[Shard], at: Progress) -> dict[str, float]:
+        """Metrics of other weights (an earlier checkpoint's) in this model, which then gets its own back."""
+        own_weights = {name: tensor.clone() for name, tensor in self.model_without_ddp.state_dict().items()}
+        self.model_without_ddp.load_state_dict(weights)
+        try:
+            return self.evaluate(split, shards, at=at, detections_suffix="_best")
+        finally:
+            self.model_without_ddp.load_state_dict(own_weights)
 
     def _log_validation_images(self, shards: list[Shard]) -> None:
         """The first few validation images with their predicted boxes, to wandb (rank 0, which owns the run)."""

@@ -3,7 +3,8 @@ runs in-process under its own strategy.
 
 What happens, in order: the model is built for the manifest's classes and loads its starting weights; the run
 resumes from the newest valid checkpoint in the run directory; the trainer runs the epochs (phase changes,
-checkpoints, validation); the test split is evaluated at the end.
+checkpoints, validation); the test split is evaluated at the end, and the final checkpoint and best.pt each
+record the test metrics of their own weights.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import numpy as np
 import torch
 
 from data_prep.manifest import load_manifest
-from train.checkpoint import latest_valid_checkpoint, restore_rng_state
 from train.config import Config, config_to_dict, save_config
 from train.freezing import validate_schedule
 from train.gpu_stats import GpuStatsSampler
-from train.loop import Progress, Splits, Trainer
+from train.loop import Splits, Trainer
 from train.metrics import MetricsLogger
 from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
+from train.run_checkpoint import resume_run
 from train.shard_reader import samples_per_rank, split_shards
 from train.strategy import Strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
@@ -33,30 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resume_if_possible(cfg: Config, strategy: Strategy, model, optimizer, lr_schedule, scaler) -> Progress:
-    """Restore everything from the newest valid checkpoint, or start fresh; every rank reads the same file."""
-    found = latest_valid_checkpoint(Path(cfg.run_dir)) if cfg.checkpoint.resume else None
-    if found is None:
-        return Progress()
-    path, state = found
-    progress = Progress(**state["progress"])
-    if state["world_size"] != strategy.world_size:
-        raise RuntimeError(
-            f"{path} was written by a job of world size {state['world_size']}, this one has "
-            f"{strategy.world_size}: the reader position and RNG states are per rank. Resume with the same "
-            "number of processes, or start a new run_dir from it with model.weights."
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"][strategy.rank])
-    if strategy.is_main:
-        print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
-    return progress
 
 
 def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
@@ -97,7 +74,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
     lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
     scaler = torch.amp.GradScaler(strategy.device.type) if cfg.train.amp == "fp16" else None
-    progress = resume_if_possible(cfg, strategy, model, optimizer, lr_schedule, scaler)
+    progress = resume_run(cfg, strategy, model, optimizer, lr_schedule, scaler)
 
     wandb_run = None
     gpu_stats = GpuStatsSampler()
@@ -117,8 +94,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     try:
         trainer.fit()
         if cfg.eval.test_at_end:
-            trainer.test_metrics = trainer.evaluate(cfg.data.test_split, splits.test)
-            trainer.save_checkpoint()  # the final checkpoint carries its test metrics (extraction records them)
+            trainer.test_final_and_best()  # the final checkpoint and best.pt each record their weights' test AP
     finally:
         gpu_stats.stop()
         logger.close()
