@@ -29,7 +29,7 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite steps in a row: the run stops rather than train (or save) garbage."""
+    """Too many non-finite steps in a row: the run stops rather than train garbage."""
 
 
 @dataclass
@@ -40,6 +40,9 @@ class Splits:
 
 
 class Trainer:
+    """Trains one run from `progress` on: every rank builds one and calls `fit` (then `test_final_and_best`)
+    together, since phase changes, checkpoints and evaluations are collectives."""
+
     def __init__(
         self,
         cfg: Config,
