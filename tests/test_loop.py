@@ -214,9 +214,11 @@ def test_best_checkpoint_records_the_test_metrics_of_its_own_weights(make, tmp_p
     # best.pt is otherwise unchanged, and the model has its final weights back
     assert tensor_hash({**best, "test_metrics": None}) == tensor_hash(best_before)
     assert tensor_hash(trainer.model_without_ddp.state_dict()) == tensor_hash(final["model"])
-    test_steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-                  if r.get("split") == "test"]
-    assert test_steps == [final["progress"]["step"], best["progress"]["step"]]
+    # each test evaluation is logged at the step (and images seen) of the weights it measured
+    test_records = [(r["step"], r["images_seen"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                    .splitlines()) if r.get("split") == "test"]
+    assert test_records[1] == (best["progress"]["step"], best["progress"]["images_seen"])
+    assert test_records[0][0] == final["progress"]["step"]
 
 
 def test_a_best_last_epoch_reuses_the_final_test_metrics(make, tmp_path, scripted_evaluation):

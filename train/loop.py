@@ -238,7 +238,8 @@ class Trainer:
             out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
             score_threshold=self.cfg.eval.score_threshold,
         )
-        self.logger.log_eval(at.step, at.epoch, split, metrics)
+        images_seen = None if at is self.progress else at.images_seen  # None: as of the last training record
+        self.logger.log_eval(at.step, at.epoch, split, metrics, images_seen=images_seen)
         if split == self.cfg.data.val_split:
             self._log_validation_images(shards)
         return metrics
