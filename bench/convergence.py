@@ -47,7 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from torchvision.io import ImageReadMode, decode_image
 
 from data_prep.__main__ import main as data_prep_main
-from data_prep.manifest import load_manifest
+from data_prep.manifest import load_manifest, manifest_classes
 from data_prep.synth import write_synthetic_coco
 from launch.torchrun import TRAIN_SCRIPT
 from train.checkpoint import load_checkpoint
@@ -144,14 +144,14 @@ def run_reference(settings: Settings, data: BenchData, seed: int) -> dict:
     """engine.train_one_epoch's loop with the recipe, for as many steps as ours, then its evaluation."""
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = recipe(settings)
-    categories = load_manifest(data.manifest)["categories"]
-    transform = ReferenceTrainTransform({c["category_id"]: c["label"] for c in categories}, cfg.data.hflip_prob)
+    classes = manifest_classes(data.manifest)
+    transform = ReferenceTrainTransform(classes.label_by_category_id(), cfg.data.hflip_prob)
     dataset = ReferenceCocoDetection(str(data.images_dir), str(data.train_annotations), transform)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, settings.batch_size, drop_last=True),
                         num_workers=settings.workers, collate_fn=collate_fn)
     torch.manual_seed(seed)  # as train/main.py does before building: the same initial weights
-    model, _ = build_model(cfg.model, len(categories) + 1)
+    model, _ = build_model(cfg.model, classes.num_classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
     if optim.name == "sgd":
@@ -182,8 +182,7 @@ def reference_schedule(optimizer, optim: OptimConfig, total_steps: int) -> LRSch
 def reference_evaluate(model: torch.nn.Module, data: BenchData) -> dict:
     """references/detection's evaluation: each val image alone through the model, COCOeval on the original
     annotations (the detections' labels mapped back to category ids)."""
-    categories = load_manifest(data.manifest)["categories"]
-    category_of_label = {int(c["label"]): int(c["category_id"]) for c in categories}
+    classes = manifest_classes(data.manifest)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(data.val_annotations))
     model.eval()
@@ -194,7 +193,7 @@ def reference_evaluate(model: torch.nn.Module, data: BenchData) -> dict:
         output = model([image])[0]
         for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(),
                                      output["labels"].tolist(), strict=True):
-            results.append({"image_id": image_id, "category_id": category_of_label[label],
+            results.append({"image_id": image_id, "category_id": classes.category_of(label).category_id,
                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
     if not results:
         return {"AP": 0.0, "AP50": 0.0}

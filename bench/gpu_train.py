@@ -47,7 +47,7 @@ from torch.optim.lr_scheduler import LinearLR
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from data_prep.__main__ import main as data_prep_main
-from data_prep.manifest import load_manifest
+from data_prep.manifest import manifest_classes
 from data_prep.synth import write_synthetic_coco
 from launch.torchrun import TRAIN_SCRIPT
 from train.config import ModelConfig
@@ -203,8 +203,8 @@ def timed_window(path: Path, settings: Settings) -> dict:
 def run_baseline(settings: Settings, data: BenchData) -> dict:
     """One baseline run (in a fresh process): images/s over the steps after warm-up."""
     device = torch.device(settings.device)
-    categories = load_manifest(data.manifest)["categories"]
-    transform = ReferenceTrainTransform({c["category_id"]: c["label"] for c in categories})
+    classes = manifest_classes(data.manifest)
+    transform = ReferenceTrainTransform(classes.label_by_category_id())
     dataset = ReferenceCocoDetection(str(data.images_dir), str(data.annotations), transform)
     batch_sampler = BatchSampler(RandomSampler(dataset), settings.batch_size, drop_last=True)
     loader = DataLoader(
@@ -213,7 +213,7 @@ def run_baseline(settings: Settings, data: BenchData) -> dict:
 
     torch.manual_seed(SEED)  # as ours does before building, so both start from the same weights
     model, _ = build_model(ModelConfig(settings.model, weights=settings.weights, min_size=settings.min_size,
-                                       max_size=settings.max_size, frozen_batchnorm=True), len(categories) + 1)
+                                       max_size=settings.max_size, frozen_batchnorm=True), classes.num_classes)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)

@@ -218,22 +218,6 @@ def load_coco(spec: InputSpec, input_index: int) -> CocoInput:
     )
 
 
-def merge_categories(inputs: list[CocoInput]) -> dict[int, tuple[int, str]]:
-    """Original category id -> (contiguous label 1..K in order of id, name), over all inputs."""
-    names: dict[int, str] = {}
-    first_source: dict[int, str] = {}
-    for coco in inputs:
-        for category_id, name in coco.categories.items():
-            if names.get(category_id, name) != name:
-                raise AnnotationFileError(
-                    f"{coco.spec.annotations}: categories: id {category_id} is '{name}' here but "
-                    f"'{names[category_id]}' in {first_source[category_id]}"
-                )
-            names.setdefault(category_id, name)
-            first_source.setdefault(category_id, str(coco.spec.annotations))
-    return {category_id: (label, names[category_id]) for label, category_id in enumerate(sorted(names), start=1)}
-
-
 def annotation_problem(annotation: AnnotationRecord, known_categories: dict[int, str]) -> tuple[str, str] | None:
     """(reason, detail) when the annotation is unusable whatever its image, else None."""
     category_id = annotation.category_id

@@ -13,64 +13,64 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from common import __version__
-from data_prep.manifest import FORMAT_VERSION, load_manifest, write_manifest
+from data_prep.class_list import ClassList
+from data_prep.manifest import build_manifest, load_manifest, write_manifest
+from data_prep.shard_writer import ShardInfo
 
 
 def write_union_manifest(
     manifest_paths: Sequence[Path],
-    categories: Sequence[Mapping],
+    classes: ClassList,
     out_dir: Path,
     required_splits: Sequence[str],
 ) -> Path:
-    """Write out_dir/manifest.json listing every split of every manifest, labelled for `categories`.
+    """Write out_dir/manifest.json listing every split of every manifest, labelled for `classes`.
 
-    `categories` must contain the categories of every manifest (see class_growth.union_categories). Splits in
-    `required_splits` that no manifest has are listed empty, so that a reader asking for them finds them.
+    `classes` must contain the categories of every manifest (see ClassList.union). Splits in `required_splits`
+    that no manifest has are listed empty, so that a reader asking for them finds them.
     Returns the new manifest's path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits: dict[str, dict] = {name: _empty_split() for name in required_splits}
+    splits: dict[str, tuple[list[ShardInfo], list[int]]] = {name: ([], []) for name in required_splits}
     inputs = []
     for manifest_path in manifest_paths:
         manifest_path = Path(manifest_path)
         manifest = load_manifest(manifest_path)
         inputs += manifest["inputs"]
-        _check_covered(manifest_path, manifest["categories"], categories)
+        _check_covered(manifest_path, ClassList.from_json(manifest["categories"], source=manifest_path), classes)
         for split, entry in manifest["splits"].items():
-            merged = splits.setdefault(split, _empty_split())
-            merged["shards"] += [{**shard, "file": os.path.relpath(manifest_path.parent / shard["file"], out_dir)}
-                                 for shard in entry["shards"]]
-            merged["num_samples"] += entry["num_samples"]
-            merged["image_ids"] += entry["image_ids"]
+            shards, image_ids = splits.setdefault(split, ([], []))
+            shards += [_shard_in_place(shard, manifest_path.parent, out_dir) for shard in entry["shards"]]
+            image_ids += entry["image_ids"]
     _warn_about_repeated_image_ids(splits)
     path = out_dir / "manifest.json"
-    write_manifest(path, {
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "arguments": {"union_of": [str(Path(p).resolve()) for p in manifest_paths]},
-        "inputs": inputs,
-        "categories": [dict(c) for c in categories],
-        "splits": splits,
-    })
+    write_manifest(path, build_manifest(
+        tool_version=__version__,
+        arguments={"union_of": [str(Path(p).resolve()) for p in manifest_paths]},
+        inputs=inputs,
+        classes=classes,
+        splits=splits,
+    ))
     return path
 
 
-def _empty_split() -> dict:
-    return {"num_samples": 0, "shards": [], "image_ids": []}
+def _shard_in_place(shard: Mapping, manifest_dir: Path, out_dir: Path) -> ShardInfo:
+    """A manifest's shard record, its file relative to `out_dir`: the union references it where it is."""
+    file = os.path.relpath(manifest_dir / shard["file"], out_dir)
+    return ShardInfo(file, shard["num_samples"], shard["bytes"], shard["sha256"])
 
 
-def _check_covered(manifest_path: Path, own: Sequence[Mapping], target: Sequence[Mapping]) -> None:
-    target_ids = {int(c["category_id"]) for c in target}
-    missing = [int(c["category_id"]) for c in own if int(c["category_id"]) not in target_ids]
+def _check_covered(manifest_path: Path, own: ClassList, target: ClassList) -> None:
+    missing = [category_id for category_id in own.category_ids if category_id not in target]
     if missing:
         raise ValueError(f"{manifest_path}: categories {missing} are not in the target class list")
 
 
-def _warn_about_repeated_image_ids(splits: Mapping[str, Mapping]) -> None:
+def _warn_about_repeated_image_ids(splits: Mapping[str, tuple[list[ShardInfo], list[int]]]) -> None:
     # Evaluation keys images by id and scores one copy of a repeated id, so a repeat shrinks that split.
-    for split, entry in splits.items():
-        repeated = [image_id for image_id, count in Counter(entry["image_ids"]).items() if count > 1]
+    for split, (_, image_ids) in splits.items():
+        repeated = [image_id for image_id, count in Counter(image_ids).items() if count > 1]
         if repeated:
             print(f"warning: split '{split}' of the union holds {len(repeated)} image ids more than once "
                   f"(first: {repeated[0]}); evaluation scores one copy of each", flush=True)

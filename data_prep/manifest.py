@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 from common.atomic_io import write_json_atomically
+from data_prep.class_list import ClassList
 from data_prep.shard_writer import ShardInfo
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "tool_version", "arguments", "inputs", "categories", "splits")
-CATEGORY_KEYS = ("label", "category_id", "name")
 SPLIT_KEYS = ("num_samples", "shards", "image_ids")
 SHARD_KEYS = ("file", "num_samples", "bytes", "sha256")
 
@@ -24,19 +24,16 @@ def build_manifest(
     tool_version: str,
     arguments: dict,
     inputs: list[dict],
-    categories: dict[int, tuple[int, str]],
+    classes: ClassList,
     splits: dict[str, tuple[list[ShardInfo], list[int]]],
 ) -> dict:
-    """categories: original id -> (label, name); splits: name -> (shards, image ids in sample order)."""
+    """splits: name -> (shards, image ids in sample order); shard files relative to the manifest's directory."""
     return {
         "format_version": FORMAT_VERSION,
         "tool_version": tool_version,
         "arguments": arguments,
         "inputs": inputs,
-        "categories": [
-            {"label": label, "category_id": category_id, "name": name}
-            for category_id, (label, name) in sorted(categories.items(), key=lambda item: item[1][0])
-        ],
+        "categories": classes.to_json(),
         "splits": {
             name: {
                 "num_samples": len(image_ids),
@@ -78,13 +75,17 @@ def load_manifest(path: str | Path) -> dict:
             f"{path}: format_version {manifest['format_version']!r} is not supported (expected {FORMAT_VERSION})"
         )
     _require(path, manifest, REQUIRED_KEYS, "")
-    for index, category in enumerate(manifest["categories"]):
-        _require(path, category, CATEGORY_KEYS, f"categories[{index}]")
+    ClassList.from_json(manifest["categories"], source=path)  # checked here, so that training fails at start-up
     for name, split in manifest["splits"].items():
         _require(path, split, SPLIT_KEYS, f"splits.{name}")
         for index, shard in enumerate(split["shards"]):
             _require(path, shard, SHARD_KEYS, f"splits.{name}.shards[{index}]")
     return manifest
+
+
+def manifest_classes(path: str | Path) -> ClassList:
+    """The class list of the manifest at `path`."""
+    return ClassList.from_json(load_manifest(path)["categories"], source=path)
 
 
 def split_entry(manifest: dict, manifest_path: str | Path, split: str) -> dict:

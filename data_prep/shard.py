@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import common
+from data_prep.class_list import ClassList
 from data_prep.coco_input import (
     AnnotationFileError,
     AnnotationRecord,
@@ -30,7 +31,6 @@ from data_prep.coco_input import (
     InputSpec,
     annotation_problem,
     load_coco,
-    merge_categories,
     to_shard_annotation,
 )
 from data_prep.images import ImageRejected, normalize_image
@@ -121,7 +121,7 @@ class PreparedSample:
         return sum(outcome.annotation is not None for outcome in self.outcomes)
 
 
-def _prepare_sample(task: SampleTask, labels: dict[int, int]) -> PreparedSample:
+def _prepare_sample(task: SampleTask, classes: ClassList) -> PreparedSample:
     image = task.image
     try:
         normalized = normalize_image(image.path, image.width, image.height)
@@ -130,7 +130,7 @@ def _prepare_sample(task: SampleTask, labels: dict[int, int]) -> PreparedSample:
     if normalized.sha256 != task.sha256:
         return PreparedSample(("file_changed", "the file's bytes changed between the hashing and writing passes"))
     outcomes = tuple(
-        to_shard_annotation(annotation, normalized.width, normalized.height, labels[annotation.category_id])
+        to_shard_annotation(annotation, normalized.width, normalized.height, classes.label_of(annotation.category_id))
         for annotation in task.annotations
     )
     sample = {
@@ -186,11 +186,11 @@ def _route_annotations(
 
 
 def _write_split(
-    args, split: str, tasks: list[SampleTask], labels: dict[int, int], workers: Workers, report: Report
+    args, split: str, tasks: list[SampleTask], classes: ClassList, workers: Workers, report: Report
 ) -> tuple[ShardWriter, list[int], int]:
     """Normalise and write one split; returns the writer (its shards), the image ids written, annotations."""
     image_ids, num_annotations = [], 0
-    results = workers.ordered_map(partial(_prepare_sample, labels=labels), tasks, SAMPLE_CHUNKSIZE)
+    results = workers.ordered_map(partial(_prepare_sample, classes=classes), tasks, SAMPLE_CHUNKSIZE)
     with ShardWriter(args.out, split, max_count=args.shard_max_count, max_bytes=args.shard_max_bytes) as writer:
         for task, result in zip(tasks, progress_bar(results, len(tasks), split), strict=True):
             image = task.image
@@ -225,12 +225,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = split_spec(args)
         inputs = [load_coco(input_spec, index) for index, input_spec in enumerate(_input_specs(args))]
-        categories = merge_categories(inputs)
+        classes = ClassList.union([ClassList.from_names(coco.categories) for coco in inputs],
+                                  [str(coco.spec.annotations) for coco in inputs])
         prepare_output_dir(args.out, overwrite=args.overwrite)
     except (AnnotationFileError, OutputDirError, ValueError) as error:
         print(f"data_prep shard: error: {error}", file=sys.stderr)
         return 2
-    labels = {category_id: label for category_id, (label, _) in categories.items()}
     report = Report()
     written: dict[str, tuple[list, list[int]]] = {}
     rows = []
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
                                                     key=lambda annotation: annotation.annotation_id)),
                                 plan.hashes[image.image_id])
                      for image in images]
-            writer, image_ids, num_annotations = _write_split(args, split, tasks, labels, workers, report)
+            writer, image_ids, num_annotations = _write_split(args, split, tasks, classes, workers, report)
             written[split] = (writer.shards, image_ids)
             rows.append((split, len(image_ids), num_annotations, len(writer.shards)))
 
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         arguments=_arguments_record(args),
         inputs=[{"annotations": str(coco.spec.annotations), "images": str(coco.spec.images), "sha256": coco.sha256,
                  "test_input": coco.spec.is_test} for coco in inputs],
-        categories=categories,
+        classes=classes,
         splits=written,
     ))
     print(format_report_table(report_dict))

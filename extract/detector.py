@@ -8,7 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-from train.checkpoint import load_model_checkpoint
+from data_prep.class_list import ClassList
+from train.checkpoint import checkpoint_classes, load_model_checkpoint
 from train.evaluate import per_class_metrics
 from train.model import model_from_checkpoint
 
@@ -17,23 +18,19 @@ from train.model import model_from_checkpoint
 class Detector:
     model: nn.Module
     architecture: str
-    categories: dict[int, tuple[str, int]]  # contiguous label -> (name, original category id)
+    classes: ClassList  # what the model's labels mean
     test_map: float | None
     test_ap_per_class: dict[str, dict[str, float]]  # {} when the checkpoint records none
-
-    @property
-    def class_names(self) -> list[str]:
-        return [self.categories[label][0] for label in sorted(self.categories)]
 
 
 def load_detector(path: Path, score_threshold: float, max_detections: int) -> Detector:
     """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly."""
     state = load_model_checkpoint(path)
     model, model_cfg = model_from_checkpoint(state, path)
-    categories = {int(c["label"]): (str(c["name"]), int(c["category_id"])) for c in state["categories"]}
     limit_detections(model, score_threshold, max_detections)
     test_ap_per_class = per_class_metrics(state.get("test_metrics") or {})
-    return Detector(model.eval(), model_cfg.name, categories, stored_test_map(state), test_ap_per_class)
+    classes = checkpoint_classes(state, path)
+    return Detector(model.eval(), model_cfg.name, classes, stored_test_map(state), test_ap_per_class)
 
 
 def stored_test_map(state: dict) -> float | None:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data_prep.class_list import ClassList
 from extract.annotate import write_annotated
 from extract.database import AttributesDB, Detection, ImageExtraction, SkippedImage, open_database
 from extract.detector import Detector, load_detector
@@ -61,7 +62,7 @@ def rank_steps(detector: Detector, batches: Iterable[list[Loaded]], done: set[st
         result.already_done = sum(item.sha256 in done for item in loaded)
         outputs = predict(detector.model, [item.image for item in wanted], device, options.amp_dtype)
         for item, output in zip(wanted, outputs, strict=True):
-            detections = to_detections(output, detector.categories, options)
+            detections = to_detections(output, detector.classes, options)
             if item.sha256 not in done:
                 height, width = item.image.shape[-2:]
                 result.extractions.append(ImageExtraction(item.source, item.sha256, int(width), int(height),
@@ -76,8 +77,7 @@ def _to_annotate(item: Loaded, options: RunOptions) -> bool:
     return options.annotate_limit is None or item.index < options.annotate_limit
 
 
-def to_detections(output: dict, categories: dict[int, tuple[str, int]],
-                  options: RunOptions) -> list[Detection]:
+def to_detections(output: dict, classes: ClassList, options: RunOptions) -> list[Detection]:
     """Detections at or above the threshold, best first, at most max_detections."""
     order = torch.argsort(output["scores"], descending=True, stable=True)
     detections = []
@@ -85,9 +85,9 @@ def to_detections(output: dict, categories: dict[int, tuple[str, int]],
         score = float(output["scores"][index])
         if score < options.score_threshold:
             break
-        name, category_id = categories[int(output["labels"][index])]
+        category = classes.category_of(int(output["labels"][index]))
         x1, y1, x2, y2 = (float(v) for v in output["boxes"][index].tolist())
-        detections.append(Detection(name, category_id, score, (x1, y1, x2, y2)))
+        detections.append(Detection(category.name, category.category_id, score, (x1, y1, x2, y2)))
     return detections
 
 
@@ -118,7 +118,7 @@ def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | No
     db: AttributesDB | None = open_database(args.db) if strategy.is_main else None
     model_id, done = None, None
     if db is not None:
-        model_id = db.register_model(args.checkpoint.resolve(), detector.architecture, detector.class_names,
+        model_id = db.register_model(args.checkpoint.resolve(), detector.architecture, detector.classes.names,
                                      detector.test_map, detector.test_ap_per_class)
         done = db.done_image_hashes(model_id)
     done = strategy.broadcast_object(done)

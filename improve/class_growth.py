@@ -17,11 +17,12 @@ A class-dependent tensor of any other head is an error that names it, never a si
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from data_prep.class_list import ClassList
 from train.weights import CLASS_DEPENDENT_PREFIXES
 
 CLASS_MAJOR, ANCHOR_MAJOR = "class-major", "anchor-major"
@@ -48,69 +49,44 @@ class GrowthReport:
                 f"fresh rows for {self.new_category_ids or 'none'}, in {len(self.tensors)} tensors")
 
 
-def union_categories(category_lists: Iterable[Sequence[Mapping]], sources: Sequence[str] = ()) -> list[dict]:
-    """The categories of all lists, labelled 1..K in order of category id (data_prep's rule).
-
-    `sources` names each list in errors; a category id named differently in two lists is an error.
-    """
-    names: dict[int, str] = {}
-    where: dict[int, str] = {}
-    for index, categories in enumerate(category_lists):
-        source = sources[index] if index < len(sources) else f"category list {index}"
-        for category in categories:
-            category_id, name = int(category["category_id"]), str(category["name"])
-            if names.setdefault(category_id, name) != name:
-                raise ValueError(f"{source}: category id {category_id} is '{name}' here but "
-                                 f"'{names[category_id]}' in {where[category_id]}")
-            where.setdefault(category_id, source)
-    return [{"label": label, "category_id": category_id, "name": names[category_id]}
-            for label, category_id in enumerate(sorted(names), start=1)]
-
-
-def label_mapping(old_categories: Sequence[Mapping], new_categories: Sequence[Mapping]) -> dict[int, int]:
+def label_mapping(old: ClassList, new: ClassList) -> dict[int, int]:
     """Old label -> new label of the same category id; background 0 -> 0. Every old category must remain."""
-    new_label = {int(c["category_id"]): int(c["label"]) for c in new_categories}
     mapping = {0: 0}
-    for category in old_categories:
-        category_id = int(category["category_id"])
-        if category_id not in new_label:
+    for category in old:
+        if category.category_id not in new:
             raise ValueError(
-                f"category {category_id} ('{category['name']}') of the old model is not in the new class "
-                "list: classes can be added, not removed (build the new list with union_categories)"
+                f"category {category.category_id} ('{category.name}') of the old model is not in the new class "
+                "list: classes can be added, not removed (build the new list with ClassList.union)"
             )
-        mapping[int(category["label"])] = new_label[category_id]
+        mapping[category.label] = new.label_of(category.category_id)
     return mapping
 
 
-def needs_growth(old_categories: Sequence[Mapping], new_categories: Sequence[Mapping]) -> bool:
+def needs_growth(old: ClassList, new: ClassList) -> bool:
     """Whether the label -> category id maps differ (a new class, or the same classes numbered otherwise)."""
-    def as_map(categories: Sequence[Mapping]) -> dict[int, int]:
-        return {int(c["label"]): int(c["category_id"]) for c in categories}
-    return as_map(old_categories) != as_map(new_categories)
+    return old.category_ids != new.category_ids
 
 
 def grow_state_dict(
     old_state: Mapping[str, torch.Tensor],
     fresh_state: Mapping[str, torch.Tensor],
-    old_categories: Sequence[Mapping],
-    new_categories: Sequence[Mapping],
+    old_classes: ClassList,
+    new_classes: ClassList,
     architecture: str = "the model",
 ) -> tuple[dict[str, torch.Tensor], GrowthReport]:
-    """A state dict for the model of `fresh_state` (built for `new_categories`): every tensor from
-    `old_state`, except the class-dependent ones, which start from `fresh_state` and get the old rows of
-    each category of `old_categories` at that category's new rows.
+    """A state dict for the model of `fresh_state` (built for `new_classes`): every tensor from `old_state`,
+    except the class-dependent ones, which start from `fresh_state` and get the old rows of each category of
+    `old_classes` at that category's new rows.
 
     Raises ValueError naming `architecture` and the tensor when a class-dependent tensor has no known
     layout or its shape does not fit the two class counts.
     """
-    mapping = label_mapping(old_categories, new_categories)
+    mapping = label_mapping(old_classes, new_classes)
     old_labels, new_labels = list(mapping), list(mapping.values())
-    old_classes, new_classes = len(old_categories) + 1, len(new_categories) + 1
     grown = dict(old_state)
     report = GrowthReport(
-        kept_category_ids=sorted(int(c["category_id"]) for c in old_categories),
-        new_category_ids=sorted({int(c["category_id"]) for c in new_categories}
-                                - {int(c["category_id"]) for c in old_categories}),
+        kept_category_ids=sorted(old_classes.category_ids),
+        new_category_ids=sorted(set(new_classes.category_ids) - set(old_classes.category_ids)),
     )
     for key, fresh in fresh_state.items():
         if not key.startswith(CLASS_DEPENDENT_PREFIXES) or key not in old_state:
@@ -125,8 +101,8 @@ def grow_state_dict(
                 f"{list(fresh.shape)}: its row layout is unknown (class growth supports Faster R-CNN, "
                 "RetinaNet, FCOS and SSD heads)"
             )
-        grown[key] = _copy_rows(key, old, fresh, layout, old_classes, new_classes, old_labels, new_labels,
-                                architecture)
+        grown[key] = _copy_rows(key, old, fresh, layout, old_classes.num_classes, new_classes.num_classes,
+                                old_labels, new_labels, architecture)
         report.tensors.append(key)
     return grown, report
 

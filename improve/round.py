@@ -45,13 +45,15 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from common.atomic_io import copy_file_atomically, write_text_atomically
 from configs import bundled_config
+from data_prep.class_list import ClassList
 from data_prep.data_union import write_union_manifest
-from data_prep.manifest import load_manifest
+from data_prep.manifest import manifest_classes
 from extract.database import open_database
-from improve.class_growth import grow_state_dict, needs_growth, union_categories
+from improve.class_growth import grow_state_dict, needs_growth
 from train.checkpoint import (
     BEST_CHECKPOINT_NAME,
     CheckpointError,
+    checkpoint_classes,
     latest_valid_checkpoint,
     load_model_checkpoint,
     save_checkpoint,
@@ -156,7 +158,7 @@ def describe_schedule(cfg: Config) -> str:
 class RoundPlan:
     """What a round trains on and starts from; the same on every rank (computed, nothing written)."""
 
-    categories: list[dict]  # the grown class list: base classes and data classes, labels by category id
+    classes: ClassList  # the grown class list: base classes and data classes, labels by category id
     manifest: Path  # the union manifest of the --data sets, under RUN_DIR/data
     weights: Path  # the base, or RUN_DIR/base-grown.pt when the class list changed
     cfg: Config
@@ -164,31 +166,31 @@ class RoundPlan:
 
 def plan_round(args: argparse.Namespace, base: dict) -> RoundPlan:
     """Resolve the class list, the files the round will write and its config (which is checked here)."""
-    data_categories = [load_manifest(path)["categories"] for path in args.data]
-    sources = [str(args.base), *map(str, args.data)]
-    categories = union_categories([base["categories"], *data_categories], sources)
-    weights = args.run_dir / GROWN_BASE_NAME if needs_growth(base["categories"], categories) else args.base
+    base_classes = checkpoint_classes(base, args.base)
+    classes = ClassList.union([base_classes, *map(manifest_classes, args.data)],
+                              [str(args.base), *map(str, args.data)])
+    weights = args.run_dir / GROWN_BASE_NAME if needs_growth(base_classes, classes) else args.base
     manifest = args.run_dir / "data" / "manifest.json"
-    return RoundPlan(categories, manifest, weights, round_config(args, base, manifest, weights))
+    return RoundPlan(classes, manifest, weights, round_config(args, base, manifest, weights))
 
 
 def write_round_inputs(args: argparse.Namespace, base: dict, plan: RoundPlan) -> None:
     """The union manifest and the grown base; rank 0 only."""
     data = plan.cfg.data
-    write_union_manifest(args.data, plan.categories, plan.manifest.parent,
+    write_union_manifest(args.data, plan.classes, plan.manifest.parent,
                          (data.train_split, data.val_split, data.test_split))
     if plan.weights != args.base:
-        write_grown_base(base, plan.categories, plan.weights, seed=plan.cfg.seed, source=args.base)
+        write_grown_base(base, plan.classes, plan.weights, seed=plan.cfg.seed, source=args.base)
 
 
-def write_grown_base(base: dict, categories: list[dict], path: Path, seed: int, source: Path) -> None:
-    """The base in the shape of `categories`; new classes get the fresh initialisation of a seeded model."""
+def write_grown_base(base: dict, classes: ClassList, path: Path, seed: int, source: Path) -> None:
+    """The base in the shape of `classes`; new classes get the fresh initialisation of a seeded model."""
     model_cfg = trained_model_config(base, source)
     seed_everything(seed)
-    fresh, _ = build_model(model_cfg, len(categories) + 1)
-    grown, report = grow_state_dict(base["model"], fresh.state_dict(), base["categories"], categories,
+    fresh, _ = build_model(model_cfg, classes.num_classes)
+    grown, report = grow_state_dict(base["model"], fresh.state_dict(), checkpoint_classes(base, source), classes,
                                     architecture=model_cfg.name)
-    save_checkpoint({"model": grown, "categories": categories, "config": base["config"],
+    save_checkpoint({"model": grown, "categories": classes.to_json(), "config": base["config"],
                      "grown_from": str(source)}, path)
     print(f"{report}; wrote {path}", flush=True)
 
@@ -210,13 +212,13 @@ class ToManifestLabels(nn.Module):
     Detections of categories the manifest does not have are dropped: its ground truth has none of them.
     """
 
-    def __init__(self, model: nn.Module, model_categories: list[dict], manifest_categories: list[dict]):
+    def __init__(self, model: nn.Module, model_classes: ClassList, evaluation_classes: ClassList):
         super().__init__()
         self.model = model
-        manifest_label = {int(c["category_id"]): int(c["label"]) for c in manifest_categories}
-        lookup = torch.full((len(model_categories) + 1,), -1, dtype=torch.int64)
-        for category in model_categories:
-            lookup[int(category["label"])] = manifest_label.get(int(category["category_id"]), -1)
+        lookup = torch.full((model_classes.num_classes,), -1, dtype=torch.int64)
+        for category in model_classes:
+            if category.category_id in evaluation_classes:
+                lookup[category.label] = evaluation_classes.label_of(category.category_id)
         self.register_buffer("lookup", lookup, persistent=False)
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -233,12 +235,12 @@ def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config
     """COCO metrics of a checkpoint on a manifest split, the model built as it was trained (its config)."""
     state = load_model_checkpoint(path)
     model, _ = model_from_checkpoint(state, path)
-    categories = load_manifest(test_manifest)["categories"]
-    model = ToManifestLabels(model, state["categories"], categories).to(strategy.device)
+    classes = manifest_classes(test_manifest)
+    model = ToManifestLabels(model, checkpoint_classes(state, path), classes).to(strategy.device)
     dataset = ShardBatches(split_shards(test_manifest, split), batch_size=cfg.data.batch_size, seed=cfg.seed,
                            epoch=0, rank=strategy.rank, world_size=strategy.world_size, training=False)
     loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=strategy.device.type == "cuda")
-    return evaluate(model, loader, categories, strategy, strategy.device, out_path=out_path,
+    return evaluate(model, loader, classes, strategy, strategy.device, out_path=out_path,
                     amp_dtype=AMP_DTYPES[cfg.train.amp], score_threshold=cfg.eval.score_threshold)
 
 
@@ -259,10 +261,6 @@ def write_round_record(outcome: RoundOutcome, path: Path) -> None:
     write_text_atomically(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
-def class_names(categories: list[dict]) -> list[str]:
-    return [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["label"]))]
-
-
 def next_round_index(db_url: str) -> int:
     db = open_database(db_url)
     try:
@@ -274,14 +272,16 @@ def next_round_index(db_url: str) -> int:
 def promote_and_record(db_url: str, outcome: RoundOutcome, architecture: str, base: dict, candidate: dict,
                        promote_to: Path) -> None:
     """Register both models, install the candidate at promote_to if promoted, then record the round."""
+    base_names = checkpoint_classes(base, outcome.base).names
+    candidate_names = checkpoint_classes(candidate, outcome.candidate).names
     db = open_database(db_url)
     try:
         # Models are registered by the hash of their file's bytes, and the base's file is usually the one
         # that promotion replaces: register it first.
-        base_id = db.register_model(outcome.base, architecture, class_names(base["categories"]),
-                                    outcome.base_map, per_class_metrics(outcome.base_metrics))
-        candidate_id = db.register_model(outcome.candidate, architecture, class_names(candidate["categories"]),
-                                         outcome.candidate_map, per_class_metrics(outcome.candidate_metrics))
+        base_id = db.register_model(outcome.base, architecture, base_names, outcome.base_map,
+                                    per_class_metrics(outcome.base_metrics))
+        candidate_id = db.register_model(outcome.candidate, architecture, candidate_names, outcome.candidate_map,
+                                         per_class_metrics(outcome.candidate_metrics))
         if outcome.promoted:
             copy_file_atomically(Path(outcome.candidate), promote_to)
         db.record_improvement_round(outcome.round_index, base_id, candidate_id, outcome.data,

@@ -14,14 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_prep.class_list import ClassList
 from train.evaluate import evaluate
 
 # Sparse category ids, as in COCO: label 1..K -> category_id.
-CATEGORIES = [
+CATEGORIES = ClassList.from_json([
     {"label": 1, "category_id": 3, "name": "bottle"},
     {"label": 2, "category_id": 17, "name": "box"},
     {"label": 3, "category_id": 90, "name": "can"},
-]
+], source="_evaluate_worker.py")
 
 # image_id, (height, width), annotations as (x1, y1, x2, y2, label, iscrowd, area or None = box area).
 SAMPLE_SPECS = [

@@ -4,23 +4,23 @@ import pytest
 import torch
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
-from improve.class_growth import grow_state_dict, label_mapping, needs_growth, union_categories
+from data_prep.class_list import ClassList
+from improve.class_growth import grow_state_dict, label_mapping, needs_growth
 from train.config import ModelConfig
 from train.model import build_model
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 # data_prep numbers labels in order of category id: the new "can" (id 4) pushes shoe and bag up by one.
-OLD = [{"label": 1, "category_id": 1, "name": "bottle"}, {"label": 2, "category_id": 3, "name": "box"},
-       {"label": 3, "category_id": 7, "name": "shoe"}, {"label": 4, "category_id": 9, "name": "bag"}]
-NEW = union_categories([OLD, [{"label": 1, "category_id": 4, "name": "can"}]])
+OLD = ClassList.from_names({1: "bottle", 3: "box", 7: "shoe", 9: "bag"})  # labels 1, 2, 3, 4
+NEW = ClassList.union([OLD, ClassList.from_names({4: "can"})], ["old.json", "new.json"])
 
 
 def test_union_is_labelled_in_order_of_category_id_and_maps_old_labels_by_id():
-    assert [(c["label"], c["category_id"], c["name"]) for c in NEW] == [
+    assert [(c.label, c.category_id, c.name) for c in NEW] == [
         (1, 1, "bottle"), (2, 3, "box"), (3, 4, "can"), (4, 7, "shoe"), (5, 9, "bag")]
     assert label_mapping(OLD, NEW) == {0: 0, 1: 1, 2: 2, 3: 4, 4: 5}
-    assert needs_growth(OLD, NEW) and not needs_growth(NEW, [dict(c) for c in NEW])
+    assert needs_growth(OLD, NEW) and not needs_growth(NEW, ClassList.from_json(NEW.to_json(), source="copy"))
 
 
 def test_faster_rcnn_predictor_keeps_each_class_row_by_category_id():
@@ -79,10 +79,10 @@ def test_anchor_major_classification_head_keeps_rows_for_every_anchor():
 
 def test_removing_a_class_or_renaming_one_is_refused():
     with pytest.raises(ValueError, match=r"category 9 \('bag'\) of the old model is not in the new class"):
-        label_mapping(OLD, [c for c in NEW if c["category_id"] != 9])
-    renamed = [{"label": 1, "category_id": 7, "name": "boot"}]
+        label_mapping(OLD, ClassList.from_json([c for c in NEW.to_json() if c["category_id"] != 9], source="new"))
+    renamed = ClassList.from_names({7: "boot"})
     with pytest.raises(ValueError, match="new.json: category id 7 is 'boot' here but 'shoe' in old.json"):
-        union_categories([OLD, renamed], ["old.json", "new.json"])
+        ClassList.union([OLD, renamed], ["old.json", "new.json"])
 
 
 def test_a_class_dependent_tensor_of_unknown_layout_is_an_error_naming_the_architecture():

@@ -22,9 +22,10 @@ from _evaluate_worker import (
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from data_prep.class_list import ClassList
 from train.evaluate import METRIC_STATS_INDEX, PER_CLASS_METRICS, evaluate, ground_truth_path, per_class_metrics
 
-METRIC_NAMES = set(METRIC_STATS_INDEX) | {f"{metric}/{c['name']}" for metric in PER_CLASS_METRICS
+METRIC_NAMES = set(METRIC_STATS_INDEX) | {f"{metric}/{c.name}" for metric in PER_CLASS_METRICS
                                           for c in CATEGORIES}
 
 
@@ -140,7 +141,8 @@ def test_undefined_area_ranges_are_nan():
 def test_per_class_ap_of_found_shifted_missed_and_absent_classes():
     """bottle found exactly, box shifted to IoU 2/3 (a match at thresholds .50 to .65: 4 of 10), can never
     found, shoe predicted but absent from the ground truth: AP 1, 0.4, 0, undefined."""
-    categories = [*CATEGORIES, {"label": 4, "category_id": 44, "name": "shoe"}]
+    categories = ClassList.from_json([*CATEGORIES.to_json(), {"label": 4, "category_id": 44, "name": "shoe"}],
+                                     source="test")
     specs = [(1, (128, 128), [(10, 10, 50, 50, 1, 0, None), (60, 60, 100, 100, 2, 0, None),
                               (0, 90, 30, 120, 3, 0, None)]),
              (2, (128, 128), [(20, 20, 60, 60, 1, 0, None), (70, 0, 128, 40, 2, 1, None)])]
@@ -215,7 +217,7 @@ def test_two_gloo_ranks_give_the_same_metrics_and_files_as_one(tmp_path):
 def test_real_torchvision_detector_output_flows_through(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=len(CATEGORIES) + 1, box_score_thresh=0.0,
+        weights=None, weights_backbone=None, num_classes=CATEGORIES.num_classes, box_score_thresh=0.0,
         min_size=96, max_size=96,
     )
     specs = [(7, (96, 96), [(10, 10, 60, 70, 1, 0, None)]), (8, (96, 80), [(5, 20, 40, 90, 3, 0, None)]),

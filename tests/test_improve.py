@@ -24,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import improve.round
 from data_prep.__main__ import main as data_prep_main
+from data_prep.class_list import ClassList
 from data_prep.manifest import load_manifest
 from data_prep.synth import write_synthetic_coco
 from extract.database import open_database
@@ -32,7 +33,7 @@ from improve.round import DEFAULT_CONFIG, evaluate_checkpoint, round_config
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 from train.config import config_to_dict, load_config
 from train.evaluate import per_class_metrics
-from train.shard_reader import category_labels, decode_sample, iter_raw_samples
+from train.shard_reader import decode_sample, iter_raw_samples
 from train.strategy import setup_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,11 +141,12 @@ def test_round_1_trains_on_both_sets_relabelled_to_the_grown_class_list(loop):
     sources = [load_manifest(loop["old_data"]), load_manifest(loop["new_data"])]
     train_samples = sum(m["splits"]["train"]["num_samples"] for m in sources)
     assert union["splits"]["train"]["num_samples"] == train_samples
+    union_classes = ClassList.from_json(union["categories"], source=union_path)
     read = relabelled = 0
     for shard in union["splits"]["train"]["shards"]:
         for sample in iter_raw_samples(union_path.parent / shard["file"]):
             read += 1
-            _, target = decode_sample(sample, training=False, hflip=False, labels=category_labels(union["categories"]))
+            _, target = decode_sample(sample, training=False, hflip=False, classes=union_classes)
             annotations = json.loads(sample["json"])["annotations"]
             assert target["labels"].tolist() == [labels[a["category_id"]] for a in annotations]
             relabelled += any(a["label"] != labels[a["category_id"]] for a in annotations)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import train.loop
-from data_prep.manifest import load_manifest
+from data_prep.manifest import manifest_classes
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 from train.config import load_config
 from train.loop import NonFiniteLossError, Splits, Trainer
@@ -74,8 +74,8 @@ def make_trainer(manifest: Path, run_dir: Path, model: nn.Module, overrides: lis
     optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
     lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch=100, total_steps=100)
     logger = MetricsLogger(run_dir)
-    categories = load_manifest(manifest)["categories"]
-    return Trainer(cfg, strategy, model, optimizer, lr_schedule, None, splits, categories, logger, Progress())
+    return Trainer(cfg, strategy, model, optimizer, lr_schedule, None, splits, manifest_classes(manifest), logger,
+                   Progress())
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def scripted_evaluation(monkeypatch):
     """Validation APs from a script (so the test decides which epoch is best); test AP from the weights."""
     calls = {"val": [], "test": []}
 
-    def fake_evaluate(model, loader, categories, strategy, device, out_path, **kwargs):
+    def fake_evaluate(model, loader, classes, strategy, device, out_path, **kwargs):
         split = "val" if out_path.name.startswith("detections_val") else "test"
         calls[split].append(out_path.name)
         if split == "val":

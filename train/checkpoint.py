@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from common.atomic_io import temp_file_destination, write_atomically
+from data_prep.class_list import ClassList
 
 BEST_CHECKPOINT_NAME = "best.pt"
 _STEP_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")
@@ -80,6 +81,11 @@ def load_model_checkpoint(path: Path) -> dict:
     if missing:
         raise ValueError(f"{path}: not a checkpoint of train/main.py (missing {', '.join(missing)})")
     return state
+
+
+def checkpoint_classes(state: Mapping, path: str | Path) -> ClassList:
+    """The class list of a checkpoint from `load_model_checkpoint`: what its model's labels mean."""
+    return ClassList.from_json(state["categories"], source=path)
 
 
 def list_step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -34,6 +34,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from common.atomic_io import write_json_atomically
+from data_prep.class_list import ClassList
 
 # Metric name -> index in COCOeval.stats for the 'bbox' iouType.
 METRIC_STATS_INDEX = {
@@ -64,7 +65,7 @@ class Collectives(Protocol):
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]],
-    categories: Sequence[Mapping[str, Any]],
+    classes: ClassList,
     strategy: Collectives,
     device: torch.device | str,
     out_path: Path | None,
@@ -75,20 +76,19 @@ def evaluate(
     """COCO box metrics of `model` on the union of every rank's `batches`; the same dict on every rank.
 
     `batches` are this rank's (images, targets) from the evaluation reader: uint8 [3, H, W] images and
-    targets with xyxy `boxes`, contiguous `labels`, `image_id`, `iscrowd` and `area`. `categories` is the
-    manifest's label -> category_id list. When `out_path` is given, rank 0 writes the detections there as a
-    COCO results list and the ground truth to `<stem>_gt.json` beside it. `verbose` prints COCOeval's summary
-    on rank 0. Detections scoring below `score_threshold` are dropped. A failure on any rank is raised on
-    every rank instead of leaving the others waiting in a collective.
+    targets with xyxy `boxes`, contiguous `labels`, `image_id`, `iscrowd` and `area`. `classes`, the
+    manifest's class list, turns labels into category ids. When `out_path` is given, rank 0 writes the
+    detections there as a COCO results list and the ground truth to `<stem>_gt.json` beside it. `verbose`
+    prints COCOeval's summary on rank 0. Detections scoring below `score_threshold` are dropped. A failure on
+    any rank is raised on every rank instead of leaving the others waiting in a collective.
     """
-    label_to_category_id = {int(c["label"]): int(c["category_id"]) for c in categories}
     device = torch.device(device)
 
     # A rank that failed alone would leave the others blocked in all_gather until the process group times
     # out; so every rank reaches the gather, and the failure travels with it.
     local_error: Exception | None = None
     try:
-        records = _predict_records(model, batches, label_to_category_id, device, amp_dtype, score_threshold)
+        records = _predict_records(model, batches, classes, device, amp_dtype, score_threshold)
     except Exception as error:
         local_error, records = error, []
     gathered = strategy.all_gather_object((records, _describe(local_error)))
@@ -100,7 +100,7 @@ def evaluate(
     metrics, scoring_error = None, None
     if strategy.is_main:
         try:
-            metrics = _score_and_save(records, categories, out_path, verbose)
+            metrics = _score_and_save(records, classes, out_path, verbose)
         except Exception as error:
             scoring_error = error
     # Rank 0 sends its error instead of metrics, so the other ranks fail with it rather than hang.
@@ -132,7 +132,7 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devi
 def _predict_records(
     model: nn.Module,
     batches: Iterable,
-    label_to_category_id: Mapping[int, int],
+    classes: ClassList,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     score_threshold: float,
@@ -149,7 +149,7 @@ def _predict_records(
         for images, targets in batches:
             outputs = predict(model, images, device, amp_dtype)
             for image, target, output in zip(images, targets, outputs, strict=True):
-                records.append(_image_record(image, target, output, label_to_category_id, score_threshold))
+                records.append(_image_record(image, target, output, classes, score_threshold))
     finally:
         model.train(was_training)
     return records
@@ -159,12 +159,12 @@ def _image_record(
     image: torch.Tensor,
     target: Mapping[str, Any],
     output: Mapping[str, torch.Tensor],
-    label_to_category_id: Mapping[int, int],
+    classes: ClassList,
     score_threshold: float,
 ) -> dict:
     image_id = int(target["image_id"])
     height, width = image.shape[-2:]
-    gt_category_ids = _category_ids(target["labels"], label_to_category_id, image_id, "ground truth")
+    gt_category_ids = _category_ids(target["labels"], classes, image_id, "ground truth")
     ground_truth = [
         {"category_id": category_id, "bbox": bbox, "iscrowd": int(iscrowd), "area": float(area)}
         for category_id, bbox, iscrowd, area in zip(
@@ -177,7 +177,7 @@ def _image_record(
     ]
     keep = output["scores"] >= score_threshold
     scores = output["scores"][keep].float().cpu().tolist()
-    det_category_ids = _category_ids(output["labels"][keep], label_to_category_id, image_id, "prediction")
+    det_category_ids = _category_ids(output["labels"][keep], classes, image_id, "prediction")
     detections = [
         {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
         for category_id, bbox, score in zip(
@@ -193,15 +193,13 @@ def _image_record(
     }
 
 
-def _category_ids(
-    labels: torch.Tensor, label_to_category_id: Mapping[int, int], image_id: int, what: str
-) -> list[int]:
+def _category_ids(labels: torch.Tensor, classes: ClassList, image_id: int, what: str) -> list[int]:
     try:
-        return [label_to_category_id[label] for label in labels.cpu().tolist()]
+        return [classes.category_of(label).category_id for label in labels.cpu().tolist()]
     except KeyError as error:
         raise ValueError(
             f"image {image_id}: {what} label {error.args[0]} is not in the manifest's categories "
-            f"(labels {sorted(label_to_category_id)}); does the model's num_classes match the manifest?"
+            f"(labels {[category.label for category in classes]}); does the model's num_classes match the manifest?"
         ) from None
 
 
@@ -232,9 +230,9 @@ def _unique_by_image_id(per_rank_records: Iterable[list[dict]]) -> list[dict]:
 
 
 def _score_and_save(
-    records: list[dict], categories: Sequence[Mapping[str, Any]], out_path: Path | None, verbose: bool
+    records: list[dict], classes: ClassList, out_path: Path | None, verbose: bool
 ) -> dict[str, float]:
-    ground_truth = coco_ground_truth(records, categories)
+    ground_truth = coco_ground_truth(records, classes)
     detections = [detection for record in records for detection in record["detections"]]
     if out_path is not None:
         out_path = Path(out_path)
@@ -248,7 +246,7 @@ def ground_truth_path(out_path: Path) -> Path:
     return out_path.with_name(out_path.stem + "_gt.json")
 
 
-def coco_ground_truth(records: list[dict], categories: Sequence[Mapping[str, Any]]) -> dict:
+def coco_ground_truth(records: list[dict], classes: ClassList) -> dict:
     """A COCO instances dataset (images, annotations, categories) rebuilt from the evaluation records."""
     annotations = []
     for record in records:
@@ -259,7 +257,7 @@ def coco_ground_truth(records: list[dict], categories: Sequence[Mapping[str, Any
         "info": {"description": "ground truth rebuilt from evaluation shards by train.evaluate"},
         "images": [{"id": r["image_id"], "width": r["width"], "height": r["height"]} for r in records],
         "annotations": annotations,
-        "categories": [{"id": int(c["category_id"]), "name": str(c["name"])} for c in categories],
+        "categories": [{"id": category.category_id, "name": category.name} for category in classes],
     }
 
 

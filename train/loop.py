@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_prep.class_list import ClassList
 from train.checkpoint import best_checkpoint_path, load_checkpoint
 from train.config import Config
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
 from train.run_checkpoint import Progress, RunCheckpointer
-from train.shard_reader import Shard, ShardBatches, ShardLoader, category_labels
+from train.shard_reader import Shard, ShardBatches, ShardLoader
 from train.strategy import Strategy
 from train.wandb_run import log_detection_images
 
@@ -52,18 +53,18 @@ class Trainer:
         lr_schedule: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler | None,
         splits: Splits,
-        categories: list[dict],
+        classes: ClassList,
         logger: MetricsLogger,
         progress: Progress,
     ):
         self.cfg, self.strategy, self.model_without_ddp = cfg, strategy, model
         self.optimizer, self.lr_schedule, self.scaler = optimizer, lr_schedule, scaler
-        self.splits, self.categories, self.logger, self.progress = splits, categories, logger, progress
+        self.splits, self.classes, self.logger, self.progress = splits, classes, logger, progress
         self.run_dir = Path(cfg.run_dir)
         self.device = strategy.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
         self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
-        self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, categories, logger)
+        self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, classes, logger)
         self.model = self._apply_phase(initial=True)
 
     # ---- freezing phases -------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class Trainer:
             rank=self.strategy.rank, world_size=self.strategy.world_size, training=True,
             start_sample=progress.samples_in_epoch, shuffle_buffer=cfg.data.shuffle_buffer,
             hflip_prob=cfg.data.hflip_prob, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-            labels=category_labels(self.categories),
+            classes=self.classes,
         )
         loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
@@ -230,11 +231,11 @@ class Trainer:
         at = at or self.progress
         dataset = ShardBatches(
             shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
-            world_size=self.strategy.world_size, training=False, labels=category_labels(self.categories),
+            world_size=self.strategy.world_size, training=False, classes=self.classes,
         )
         loader = ShardLoader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         metrics = evaluate(
-            self.model_without_ddp, loader, self.categories, self.strategy, self.device,
+            self.model_without_ddp, loader, self.classes, self.strategy, self.device,
             out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
             score_threshold=self.cfg.eval.score_threshold,
         )
@@ -286,4 +287,4 @@ class Trainer:
         predictions = predict(self.model_without_ddp, images, self.device, self.amp_dtype)
         self.model_without_ddp.train()
         log_detection_images(self.logger.wandb_run, images, predictions,
-                             {int(c["label"]): c["name"] for c in self.categories}, step=self.progress.step)
+                             {category.label: category.name for category in self.classes}, step=self.progress.step)

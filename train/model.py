@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+from train.checkpoint import checkpoint_classes
 from train.config import ModelConfig, model_config_from_dict
 from train.detectors import DETECTION_BUILDERS, DETECTOR_CLASSES, FIXED_SIZE_MODELS
 from train.freezing import freeze_batchnorm
@@ -86,7 +87,7 @@ def model_from_checkpoint(state: Mapping, path: str | Path) -> tuple[nn.Module, 
     on the CPU: built as it was trained (`trained_model_config`: name, sizes, BatchNorm kind and eps, builder
     arguments) with a head for its class list, and its weights loaded strictly."""
     model_cfg = trained_model_config(state, path)
-    model, _ = build_model(model_cfg, len(state["categories"]) + 1)
+    model, _ = build_model(model_cfg, checkpoint_classes(state, path).num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from common import __version__
+from data_prep.class_list import ClassList
 from train.checkpoint import (
     best_checkpoint_path,
     capture_rng_state,
@@ -77,10 +78,10 @@ class RunCheckpointer:
 
     def __init__(self, cfg: Config, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-                 categories: list[dict], logger: MetricsLogger):
+                 classes: ClassList, logger: MetricsLogger):
         self.cfg, self.strategy, self.model = cfg, strategy, model
         self.optimizer, self.lr_schedule, self.scaler = optimizer, lr_schedule, scaler
-        self.categories, self.logger = categories, logger
+        self.classes, self.logger = classes, logger
         self.run_dir = Path(cfg.run_dir)
         self._kill_at_step = _kill_step_from_env(strategy.rank)
 
@@ -97,7 +98,7 @@ class RunCheckpointer:
             "rng": rng_states,
             "replica_hashes": replica_hashes,
             "world_size": self.strategy.world_size,
-            "categories": self.categories,
+            "categories": self.classes.to_json(),
             "test_metrics": test_metrics,
             "config": config_to_dict(self.cfg),
             "version": __version__,

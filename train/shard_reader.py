@@ -21,8 +21,8 @@ gives exact epochs or resume, so this module plans each epoch itself and uses we
 
 Augmentation (horizontal flip) is drawn per sample from (seed, epoch, key), so it is the same whichever worker
 or resume point reads the sample. Training labels come from the original category ids through the class list
-the trainer uses (`category_labels`), so shards of several data_prep outputs, each numbered for its own
-classes, can be read as one set.
+the trainer uses (`classes`, a data_prep.class_list.ClassList), so shards of several data_prep outputs, each
+numbered for its own classes, can be read as one set.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from data_prep.class_list import ClassList
 from data_prep.manifest import load_manifest, split_entry
 
 
@@ -65,11 +66,6 @@ def split_shards(manifest_path: str | Path, split: str) -> list[Shard]:
     manifest_path = Path(manifest_path)
     entry = split_entry(load_manifest(manifest_path), manifest_path, split)
     return [Shard(manifest_path.parent / shard["file"], int(shard["num_samples"])) for shard in entry["shards"]]
-
-
-def category_labels(categories: list[dict]) -> dict[int, int]:
-    """category id -> contiguous training label, from a manifest's class list."""
-    return {int(c["category_id"]): int(c["label"]) for c in categories}
 
 
 def rank_segments(
@@ -157,11 +153,12 @@ def _aspect_ratio_batches(samples: Iterator[dict], size: int) -> Iterator[list[d
 
 
 def decode_sample(
-    sample: dict, *, training: bool, hflip: bool, labels: dict[int, int] | None = None
+    sample: dict, *, training: bool, hflip: bool, classes: ClassList | None = None
 ) -> tuple[torch.Tensor, dict]:
     """(uint8 image [3, H, W], target dict) from a raw shard sample; crowd boxes only for evaluation.
 
-    `labels` maps category ids to training labels; without it the labels stored in the shard are used.
+    Labels come from each annotation's category id through `classes`; without it, the labels stored in the
+    shard are used.
     """
     meta = json.loads(sample["json"])
     image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -173,7 +170,7 @@ def decode_sample(
     target = {
         "boxes": boxes,
         "labels": torch.tensor(
-            [labels[a["category_id"]] if labels else a["label"] for a in annotations], dtype=torch.int64
+            [classes.label_of(a["category_id"]) if classes else a["label"] for a in annotations], dtype=torch.int64
         ),
         "image_id": int(meta["image_id"]),
         "iscrowd": torch.tensor([a["iscrowd"] for a in annotations], dtype=torch.int64),
@@ -199,14 +196,14 @@ class ShardBatches(IterableDataset):
         shuffle_buffer: int = 64,
         hflip_prob: float = 0.5,
         aspect_ratio_grouping: bool = True,
-        labels: dict[int, int] | None = None,
+        classes: ClassList | None = None,
     ):
         super().__init__()
         self.shards, self.batch_size, self.seed, self.epoch = shards, batch_size, seed, epoch
         self.rank, self.world_size, self.training = rank, world_size, training
         self.start_sample, self.shuffle_buffer, self.hflip_prob = start_sample, shuffle_buffer, hflip_prob
         self.aspect_ratio_grouping = aspect_ratio_grouping and training
-        self.labels = labels
+        self.classes = classes
         self.num_samples = samples_per_rank(shards, rank=rank, world_size=world_size, training=training)
         if not 0 <= start_sample <= self.num_samples:
             raise ValueError(f"start_sample {start_sample} outside this rank's {self.num_samples} samples")
@@ -239,7 +236,7 @@ class ShardBatches(IterableDataset):
         for sample in raw_batch:
             try:
                 image, target = decode_sample(
-                    sample, training=self.training, hflip=self._flip(sample["__key__"]), labels=self.labels
+                    sample, training=self.training, hflip=self._flip(sample["__key__"]), classes=self.classes
                 )
             except Exception as error:
                 raise ShardReadError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error}") from error

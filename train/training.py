@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.manifest import load_manifest
+from data_prep.manifest import manifest_classes
 from train.config import Config, config_to_dict, save_config
 from train.freezing import validate_schedule
 from train.gpu_stats import GpuStatsSampler
@@ -52,13 +52,12 @@ def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
 
 def train(cfg: Config, strategy: Strategy) -> None:
     run_dir = Path(cfg.run_dir)
-    manifest = load_manifest(cfg.data.manifest)
-    categories = manifest["categories"]
+    classes = manifest_classes(cfg.data.manifest)
     splits = Splits(*(split_shards(cfg.data.manifest, name)
                       for name in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, weights_report = build_model(cfg.model, len(categories) + 1)
+    model, weights_report = build_model(cfg.model, classes.num_classes)
     validate_schedule(model, cfg.freeze.phases)
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
@@ -90,7 +89,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
         print(f"{strategy}; global batch {global_batch}; {steps_per_epoch} steps/epoch\n{weights_report}", flush=True)
     logger = MetricsLogger(run_dir, enabled=strategy.is_main, wandb_run=wandb_run, gpu_stats=gpu_stats)
 
-    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, categories, logger, progress)
+    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, classes, logger, progress)
     try:
         trainer.fit()
         if cfg.eval.test_at_end:
