@@ -9,6 +9,7 @@ from model_helpers import PREDICTOR_KEYS, SMALL, batchnorm_kinds, small_model
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from data_prep.class_list import ClassList
 from train.checkpoint import load_model_checkpoint, save_checkpoint, tensor_hash
 from train.config import BuilderKwargs, ModelConfig, config_to_dict, load_config
 from train.detectors import DETECTION_BUILDERS
@@ -181,7 +182,8 @@ def test_a_checkpoint_rebuilds_as_trained_with_its_weights(tmp_path: Path, froze
 def test_a_checkpoint_whose_weights_do_not_fit_its_class_list_names_the_file(tmp_path: Path) -> None:
     cfg = load_config(None, ["model.name=" + SMALL, "model.min_size=128", "model.max_size=160"])
     four_classes = small_model(5, seed=0)
-    state = {"model": four_classes.state_dict(), "categories": [{}, {}, {}], "config": config_to_dict(cfg)}
+    three_classes = ClassList.from_names({1: "bottle", 3: "box", 7: "shoe"}).to_json()
+    state = {"model": four_classes.state_dict(), "categories": three_classes, "config": config_to_dict(cfg)}
     with pytest.raises(ValueError, match=rf"{tmp_path / 'best.pt'}: weights do not fit model {SMALL}"):
         model_from_checkpoint(state, tmp_path / "best.pt")
 
