@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from train.config import Config, FreezePhase, config_to_dict, load_config, save_config
+from train.strategy import DEVICES, STRATEGY_KINDS
+from train.wandb_run import WANDB_MODES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.yaml"))
@@ -96,6 +98,25 @@ def test_bad_override_names_key_and_source(override, message):
     with pytest.raises(ValueError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "owners_choices"),
+    [("strategy", STRATEGY_KINDS), ("device", DEVICES), ("wandb.mode", WANDB_MODES)],
+)
+def test_choices_come_from_the_module_that_owns_them(key, owners_choices):
+    for choice in owners_choices:
+        load_config(None, [f"{key}={choice}"])
+    with pytest.raises(ValueError) as error:
+        load_config(None, [f"{key}=bogus"])
+    assert f"command line: {key}: expected one of {', '.join(owners_choices)}, got 'bogus'" in str(error.value)
+
+
+def test_wandb_shared_mode_is_not_offered():
+    # wandb.init takes "shared" (several processes logging to one run); here rank 0 alone logs
+    assert "shared" not in WANDB_MODES
+    with pytest.raises(ValueError, match="wandb.mode: expected one of online, offline, disabled, got 'shared'"):
+        load_config(None, ["wandb.mode=shared"])
 
 
 @pytest.mark.parametrize(

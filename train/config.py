@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from common.atomic_io import write_text_atomically
+from train.strategy import DEVICES, STRATEGY_KINDS
+from train.wandb_run import WANDB_MODES
 
 COMMAND_LINE = "command line"
 
@@ -182,7 +184,7 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     # None = WANDB_MODE from the environment, else offline without an API key
-    mode: str | None = _rule(None, choices=("online", "offline", "disabled"))
+    mode: str | None = _rule(None, choices=WANDB_MODES)
     project: str = "product-attributes"
     group: str | None = None
     name: str | None = None
@@ -193,8 +195,8 @@ class WandbConfig:
 class Config:
     run_dir: str = "runs/demo"
     seed: int = 0
-    strategy: str = _rule("auto", choices=("auto", "ddp", "dp", "single"))  # auto: ddp under torchrun
-    device: str = _rule("auto", choices=("auto", "cpu", "cuda"))
+    strategy: str = _rule("auto", choices=STRATEGY_KINDS)  # auto: ddp under torchrun
+    device: str = _rule("auto", choices=DEVICES)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "ddp", "dp", "single")
+STRATEGY_KINDS = ("auto", "ddp", "dp", "single")  # auto: ddp under torchrun, else single
 DEVICES = ("auto", "cpu", "cuda")
 TORCHRUN_ENV = ("WORLD_SIZE", "LOCAL_RANK")
 
@@ -117,8 +117,8 @@ def setup_strategy(kind: str = "auto", device: str = "auto") -> Strategy:
     auto kind is ddp under torchrun (WORLD_SIZE and LOCAL_RANK set), otherwise single; auto device is cuda
     when a GPU is visible.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown strategy {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in STRATEGY_KINDS:
+        raise ValueError(f"unknown strategy {kind!r}; choose one of {', '.join(STRATEGY_KINDS)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():

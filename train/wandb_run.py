@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
-WANDB_MODES = ("online", "offline", "disabled", "shared")
+# wandb also has "shared" (experimental: several processes log to one run); here rank 0 alone logs.
+WANDB_MODES = ("online", "offline", "disabled")
 RUN_ID_FILE_NAME = "wandb_run_id.txt"
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
 
