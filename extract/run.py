@@ -40,7 +40,6 @@ class StepResult:
     images: int = 0
     already_done: int = 0
     annotated: int = 0
-    error: str | None = None
 
 
 @dataclass
@@ -156,19 +155,16 @@ def _gathered_steps(steps: Iterator[StepResult], strategy: Strategy) -> Iterator
     """Every rank's next StepResult, in rank order, until all ranks are done.
 
     Ranks may hold different numbers of batches, so a finished rank keeps joining the gather with None.
-    A rank that fails sends its error instead, and every rank raises it rather than wait in a collective.
+    A rank that fails raises on every rank (Strategy.raise_if_any_failed) rather than leave them waiting.
     """
     while True:
+        local, error = None, None
         try:
             local = next(steps, None)
-        except Exception as error:
-            local = StepResult(error=f"{type(error).__name__}: {error}")
-            if strategy.world_size == 1:
-                raise
+        except Exception as caught:
+            error = caught
+        strategy.raise_if_any_failed(error, "extraction")
         gathered = strategy.all_gather_object(local)
-        failures = [f"rank {rank}: {step.error}" for rank, step in enumerate(gathered) if step and step.error]
-        if failures:
-            raise RuntimeError(f"extraction failed on {'; '.join(failures)}")
         if all(step is None for step in gathered):
             return
         yield [step for step in gathered if step is not None]

@@ -16,6 +16,7 @@ from torch import nn
 
 from data_prep.class_list import ClassList
 from train.evaluate import evaluate
+from train.strategy import Strategy
 
 # Sparse category ids, as in COCO: label 1..K -> category_id.
 CATEGORIES = ClassList.from_json([
@@ -102,39 +103,15 @@ def perfect_detector(samples) -> TableDetector:
     return TableDetector(ground_truth_answers(samples))
 
 
-class LocalStrategy:
+def local_strategy() -> Strategy:
     """World size 1: the collectives are identities."""
-
-    is_main = True
-
-    def all_gather_object(self, obj):
-        return [obj]
-
-    def broadcast_object(self, obj, src=0):
-        return obj
-
-    def barrier(self):
-        pass
+    return Strategy(kind="single", device=torch.device("cpu"))
 
 
-class GlooStrategy:
-    """The collectives of train.strategy, straight on an initialised torch.distributed group."""
-
-    def __init__(self):
-        self.is_main = dist.get_rank() == 0
-
-    def all_gather_object(self, obj):
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-    def broadcast_object(self, obj, src=0):
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=src)
-        return holder[0]
-
-    def barrier(self):
-        dist.barrier()
+def gloo_strategy() -> Strategy:
+    """train.strategy's DDP strategy on the torch.distributed group the test initialised."""
+    return Strategy(kind="ddp", device=torch.device("cpu"), rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    backend="gloo")
 
 
 def rank_parts(samples) -> dict[str, list[list]]:
@@ -159,18 +136,18 @@ def run_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             # DDP-wrapped, as in training: evaluation must not run DDP's forward collectives.
             model = nn.parallel.DistributedDataParallel(perfect_detector(samples))
             report[name] = evaluate(
-                model, as_batches(parts[rank], 2), CATEGORIES, GlooStrategy(), "cpu",
+                model, as_batches(parts[rank], 2), CATEGORIES, gloo_strategy(), "cpu",
                 Path(out_dir) / f"{name}.json",
             )
             report[f"{name}_shifted"] = evaluate(
                 TableDetector(ground_truth_answers(samples, shift=6.0)), as_batches(parts[rank], 2), CATEGORIES,
-                GlooStrategy(), "cpu", None,
+                gloo_strategy(), "cpu", None,
             )
         failing = perfect_detector(samples)
         if rank == 1:
             failing.answers = []  # IndexError inside the forward of rank 1 only
         try:
-            evaluate(failing, as_batches(rank_parts(samples)["unequal"][rank], 2), CATEGORIES, GlooStrategy(),
+            evaluate(failing, as_batches(rank_parts(samples)["unequal"][rank], 2), CATEGORIES, gloo_strategy(),
                      "cpu", None)
             report["failure"] = None
         except Exception as error:

@@ -58,6 +58,20 @@ def single_process_reference(world_size: int) -> nn.Module:
     return model
 
 
+def failure_reports(strategy) -> dict:
+    """What raise_if_any_failed did on this rank when no rank, rank 1 alone, and both ranks failed."""
+    reports = {}
+    for scenario, failing_ranks in {"none": (), "rank1": (1,), "both": (0, 1)}.items():
+        error = ValueError(f"broke on rank {strategy.rank}") if strategy.rank in failing_ranks else None
+        try:
+            strategy.raise_if_any_failed(error, "work")
+            reports[scenario] = None
+        except Exception as raised:
+            reports[scenario] = {"type": type(raised).__name__, "message": str(raised), "own": raised is error,
+                                 "notes": getattr(raised, "__notes__", [])}
+    return reports
+
+
 def main(out_dir: Path) -> None:
     strategy = setup_strategy("auto", "cpu")
     model, batches = model_and_batches(strategy.rank)
@@ -82,6 +96,7 @@ def main(out_dir: Path) -> None:
         "gathered": strategy.all_gather_object({"rank": strategy.rank, "name": f"r{strategy.rank}"}),
         "broadcast": strategy.broadcast_object({"run_id": f"from-rank-{strategy.rank}"}, src=0),
         "str": str(strategy),
+        "failures": failure_reports(strategy),
     }
     (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(result))
     del ddp_model  # as train/main.py does by returning from train(): teardown needs the wrapper gone

@@ -10,10 +10,10 @@ import torchvision
 from _evaluate_worker import (
     CATEGORIES,
     SAMPLE_SPECS,
-    LocalStrategy,
     TableDetector,
     as_batches,
     ground_truth_answers,
+    local_strategy,
     make_samples,
     perfect_detector,
     rank_parts,
@@ -30,7 +30,7 @@ METRIC_NAMES = set(METRIC_STATS_INDEX) | {f"{metric}/{c.name}" for metric in PER
 
 
 def run_evaluate(model, samples, out_path=None, categories=CATEGORIES, **kwargs):
-    return evaluate(model, as_batches(samples, 2), categories, LocalStrategy(), "cpu", out_path, **kwargs)
+    return evaluate(model, as_batches(samples, 2), categories, local_strategy(), "cpu", out_path, **kwargs)
 
 
 def summary(metrics):
@@ -226,7 +226,7 @@ def test_real_torchvision_detector_output_flows_through(tmp_path):
                for image, target in make_samples(specs)]
     out_path = tmp_path / "real.json"
 
-    metrics = evaluate(model, as_batches(samples, 2), CATEGORIES, LocalStrategy(), "cpu", out_path,
+    metrics = evaluate(model, as_batches(samples, 2), CATEGORIES, local_strategy(), "cpu", out_path,
                        amp_dtype=torch.bfloat16)
 
     assert set(metrics) == METRIC_NAMES and all(type(v) is float for v in summary(metrics).values())

@@ -191,6 +191,15 @@ def test_auto_without_torchrun_is_single_with_local_collectives(no_torchrun_env)
     strategy.teardown()
 
 
+def test_raise_if_any_failed_in_one_process_raises_the_error_itself() -> None:
+    strategy = Strategy(kind="single", device=CPU)
+    strategy.raise_if_any_failed(None, "work")  # nothing failed: returns
+    error = ValueError("bad input")
+    with pytest.raises(ValueError, match="^bad input$") as raised:
+        strategy.raise_if_any_failed(error, "work", error_type=KeyError)
+    assert raised.value is error and not hasattr(error, "__notes__")
+
+
 def test_loader_batch_under_dp_covers_every_gpu() -> None:
     strategy = Strategy(kind="dp", device=torch.device("cuda", 0), num_replicas=2, device_ids=[0, 1])
     assert strategy.loader_batch_size(2) == 4
@@ -232,3 +241,13 @@ def test_ddp_under_torchrun_keeps_two_ranks_identical(tmp_path: Path) -> None:
         assert result["broadcast"] == {"run_id": "from-rank-0"}
     assert ranks[0]["initial_hash"] != ranks[1]["initial_hash"]
     assert ranks[0]["final_hashes"] == ranks[1]["final_hashes"]
+    # one failing rank: it raises its own error, the other a RuntimeError naming it; nobody waits
+    assert [result["failures"]["none"] for result in ranks] == [None, None]
+    assert ranks[1]["failures"]["rank1"] == {"type": "ValueError", "message": "broke on rank 1", "own": True,
+                                             "notes": []}
+    assert ranks[0]["failures"]["rank1"] == {"type": "RuntimeError", "own": False, "notes": [],
+                                             "message": "work failed on rank 1: ValueError: broke on rank 1"}
+    for rank, other in ((0, 1), (1, 0)):
+        assert ranks[rank]["failures"]["both"] == {
+            "type": "ValueError", "message": f"broke on rank {rank}", "own": True,
+            "notes": [f"work also failed on rank {other}: ValueError: broke on rank {other}"]}

@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 
 from common.atomic_io import write_json_atomically
 from data_prep.class_list import ClassList
+from train.strategy import Strategy
 
 # Metric name -> index in COCOeval.stats for the 'bbox' iouType.
 METRIC_STATS_INDEX = {
@@ -50,23 +51,11 @@ METRIC_STATS_INDEX = {
 PER_CLASS_METRICS = ("AP", "AP50", "gt_boxes")
 
 
-class Collectives(Protocol):
-    """The part of train.strategy's strategy object that evaluation uses."""
-
-    is_main: bool
-
-    def all_gather_object(self, obj: Any) -> list: ...
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
-
-    def barrier(self) -> None: ...
-
-
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]],
     classes: ClassList,
-    strategy: Collectives,
+    strategy: Strategy,
     device: torch.device | str,
     out_path: Path | None,
     amp_dtype: torch.dtype | None = None,
@@ -84,16 +73,13 @@ def evaluate(
     """
     device = torch.device(device)
 
-    # A rank that failed alone would leave the others blocked in all_gather until the process group times
-    # out; so every rank reaches the gather, and the failure travels with it.
-    local_error: Exception | None = None
+    records, local_error = [], None
     try:
         records = _predict_records(model, batches, classes, device, amp_dtype, score_threshold)
     except Exception as error:
-        local_error, records = error, []
-    gathered = strategy.all_gather_object((records, _describe(local_error)))
-    _raise_if_any_rank_failed(gathered, local_error)
-    records = _unique_by_image_id(rank_records for rank_records, _ in gathered)
+        local_error = error
+    strategy.raise_if_any_failed(local_error, "evaluation")
+    records = _unique_by_image_id(strategy.all_gather_object(records))
     if not records:
         raise ValueError("evaluation got no images on any rank: the split is empty or the reader yielded none")
 
@@ -103,14 +89,10 @@ def evaluate(
             metrics = _score_and_save(records, classes, out_path, verbose)
         except Exception as error:
             scoring_error = error
-    # Rank 0 sends its error instead of metrics, so the other ranks fail with it rather than hang.
-    outcome = strategy.broadcast_object(metrics if scoring_error is None else _describe(scoring_error), src=0)
-    if scoring_error is not None:
-        raise scoring_error
-    if isinstance(outcome, str):
-        raise RuntimeError(f"evaluation failed on rank 0: {outcome}")
+    strategy.raise_if_any_failed(scoring_error, "evaluation")
+    metrics = strategy.broadcast_object(metrics, src=0)
     strategy.barrier()
-    return outcome
+    return metrics
 
 
 def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
@@ -206,18 +188,6 @@ def _category_ids(labels: torch.Tensor, classes: ClassList, image_id: int, what:
 def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     boxes = boxes.detach().float().cpu().reshape(-1, 4)
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-
-
-def _describe(error: Exception | None) -> str | None:
-    return None if error is None else f"{type(error).__name__}: {error}"
-
-
-def _raise_if_any_rank_failed(gathered: list[tuple[list, str | None]], local_error: Exception | None) -> None:
-    if local_error is not None:
-        raise local_error
-    for rank, (_, failure) in enumerate(gathered):
-        if failure is not None:
-            raise RuntimeError(f"evaluation failed on rank {rank}: {failure}")
 
 
 def _unique_by_image_id(per_rank_records: Iterable[list[dict]]) -> list[dict]:

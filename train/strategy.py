@@ -95,6 +95,27 @@ class Strategy:
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
 
+    def raise_if_any_failed(
+        self, error: BaseException | None, what: str, error_type: type[Exception] = RuntimeError
+    ) -> None:
+        """Collective: each rank passes the error it caught (or None); if any rank failed, every rank raises.
+
+        A rank that fails alone and raises would leave the others blocked in their next collective until the
+        process group times out; so every rank reaches this gather, and the failure travels with it. A failing
+        rank raises its own exception (its type and traceback intact, the other failing ranks in a note); every
+        other rank raises `error_type("<what> failed on rank r: Type: message; rank s: ...")`.
+        """
+        described = None if error is None else f"{type(error).__name__}: {error}"
+        failed = {rank: failure for rank, failure in enumerate(self.all_gather_object(described)) if failure}
+        if not failed:
+            return
+        others = "; ".join(f"rank {rank}: {failure}" for rank, failure in failed.items() if rank != self.rank)
+        if error is None:
+            raise error_type(f"{what} failed on {others}")
+        if others:
+            error.add_note(f"{what} also failed on {others}")
+        raise error
+
     def teardown(self) -> None:
         """End the process group on the success path; drop every reference to the wrapped model first.
 

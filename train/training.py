@@ -38,16 +38,15 @@ def seed_everything(seed: int) -> None:
 
 def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
     """Download torchvision weights the config names into torch.hub's cache, once per machine: local rank 0
-    fetches while the other ranks wait in the gather, then every rank raises the same error if that failed."""
+    fetches while the other ranks wait in the gather, then every rank raises PretrainedWeightsUnavailable if
+    that failed."""
     error = None
     if strategy.local_rank == 0:
         try:
             fetch_starting_weights(cfg.model)
         except PretrainedWeightsUnavailable as unavailable:
-            error = str(unavailable)
-    errors = [message for message in strategy.all_gather_object(error) if message]
-    if errors:
-        raise PretrainedWeightsUnavailable(errors[0])
+            error = unavailable
+    strategy.raise_if_any_failed(error, "fetching the starting weights", PretrainedWeightsUnavailable)
 
 
 def train(cfg: Config, strategy: Strategy) -> None:
