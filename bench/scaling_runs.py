@@ -19,7 +19,8 @@ from pathlib import Path
 from launch.torchrun import TRAIN_SCRIPT, standalone_command
 from train.config import Config
 from train.metrics import METRICS_FILE_NAME
-from train.shard_reader import samples_per_rank, split_shards
+from train.readers import steps_per_epoch
+from train.shard_reader import split_shards
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ def epochs_needed(cfg: Config, case: Case, global_batch: int, total_steps: int) 
     """Epochs that hold warm-up + timed steps; more than one puts an epoch end (a checkpoint, a new loader)
     inside the timed window."""
     loader_batch = global_batch // case.processes  # dp loads the whole global batch in its one process
-    shards = split_shards(cfg.data.manifest, cfg.data.train_split)
-    samples = samples_per_rank(shards, rank=0, world_size=case.processes, training=True)
-    return -(-total_steps // max(1, -(-samples // loader_batch)))
+    epoch_steps = steps_per_epoch(split_shards(cfg.data.manifest, cfg.data.train_split), world_size=case.processes,
+                                  loader_batch_size=loader_batch, accumulate_steps=1)
+    return -(-total_steps // max(1, epoch_steps))
 
 
 def run_overrides(settings: Settings, case: Case, epochs: int, run_dir: Path, repeat: int) -> list[str]:

@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_prep.images import ImageRejected, normalize_image
 from extract.database import SkippedImage
-from train.shard_reader import Shard, iter_raw_samples, rank_segments
+from train.shard_reader import Shard, rank_segments, segment_samples
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
 
@@ -66,7 +66,11 @@ def load_shard_sample(sample: dict) -> tuple[str, torch.Tensor]:
 class InputBatches(IterableDataset):
     """This rank's contiguous part of the inputs, in batches of `Loaded`; worker w loads batches w, w+W, ...
 
-    The part is [N*rank/world, N*(rank+1)/world) of the input order, so ranks are disjoint and cover it all.
+    The part is [N*rank/world, N*(rank+1)/world) of the input order, so ranks are disjoint and cover it all:
+    for shards, the evaluation plan of train/shard_reader.py. Shard samples do not come through the training
+    reader (train/readers.py) because extraction wants other things of them: the hash of the stored JPEG bytes
+    (the image's key in the database), the sample's name, and an image that does not decode skipped and
+    recorded rather than stopping the job; it has no use for targets.
     """
 
     def __init__(self, *, files: list[Path] | None = None, shards: list[Shard] | None = None, batch_size: int,
@@ -91,15 +95,9 @@ class InputBatches(IterableDataset):
             return
         segments = rank_segments(self.shards, seed=0, epoch=0, rank=self.rank, world_size=self.world_size,
                                  training=False)
-        index = self.start
-        for segment in segments:
-            for position, sample in enumerate(iter_raw_samples(segment.shard.path)):
-                if position >= segment.stop:
-                    break
-                if position >= segment.start:
-                    yield index, f"{segment.shard.path.name}/{sample['__key__']}", functools.partial(
-                        load_shard_sample, sample)
-                    index += 1
+        for index, sample in enumerate(segment_samples(segments), start=self.start):
+            source = f"{Path(sample['__url__']).name}/{sample['__key__']}"
+            yield index, source, functools.partial(load_shard_sample, sample)
 
     def __iter__(self) -> Iterator[list[Loaded]]:
         worker = get_worker_info()

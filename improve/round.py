@@ -62,7 +62,8 @@ from train.config import Config, config_to_dict, load_config
 from train.evaluate import evaluate, per_class_metrics
 from train.loop import AMP_DTYPES
 from train.model import build_model, model_from_checkpoint, trained_model_config
-from train.shard_reader import ShardBatches, ShardLoader, split_shards
+from train.readers import split_loader
+from train.shard_reader import split_shards
 from train.strategy import Strategy, setup_strategy
 from train.training import seed_everything, train
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
@@ -237,9 +238,7 @@ def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config
     model, _ = model_from_checkpoint(state, path)
     classes = manifest_classes(test_manifest)
     model = ToManifestLabels(model, checkpoint_classes(state, path), classes).to(strategy.device)
-    dataset = ShardBatches(split_shards(test_manifest, split), batch_size=cfg.data.batch_size, seed=cfg.seed,
-                           epoch=0, rank=strategy.rank, world_size=strategy.world_size, training=False)
-    loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=strategy.device.type == "cuda")
+    loader = split_loader(split_shards(test_manifest, split), cfg.data, strategy, training=False, classes=classes)
     return evaluate(model, loader, classes, strategy, strategy.device, out_path=out_path,
                     amp_dtype=AMP_DTYPES[cfg.train.amp], score_threshold=cfg.eval.score_threshold)
 

@@ -21,8 +21,9 @@ from train.config import Config
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
+from train.readers import split_loader
 from train.run_checkpoint import Progress, RunCheckpointer
-from train.shard_reader import Shard, ShardBatches, ShardLoader
+from train.shard_reader import Shard, first_images
 from train.strategy import Strategy
 from train.wandb_run import log_detection_images
 
@@ -63,7 +64,6 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.device = strategy.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
-        self.loader_batch_size = strategy.loader_batch_size(cfg.data.batch_size)
         self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, classes, logger)
         self.model = self._apply_phase(initial=True)
 
@@ -173,16 +173,12 @@ class Trainer:
     def _train_epoch(self, meter: IntervalMeter) -> bool:
         """Train from the current position; True when the epoch's last sample was consumed."""
         cfg, progress = self.cfg, self.progress
-        dataset = ShardBatches(
-            self.splits.train, batch_size=self.loader_batch_size, seed=cfg.seed, epoch=progress.epoch,
-            rank=self.strategy.rank, world_size=self.strategy.world_size, training=True,
-            start_sample=progress.samples_in_epoch, shuffle_buffer=cfg.data.shuffle_buffer,
-            hflip_prob=cfg.data.hflip_prob, aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-            classes=self.classes,
+        loader = split_loader(
+            self.splits.train, cfg.data, self.strategy, training=True, classes=self.classes, seed=cfg.seed,
+            epoch=progress.epoch, start_sample=progress.samples_in_epoch,
         )
-        loader = ShardLoader(dataset, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
         self.model.train()
-        micro_batches, accumulated, window_images = len(dataset), 0, 0
+        micro_batches, accumulated, window_images = len(loader), 0, 0
         data_start = time.perf_counter()
         for index, (images, targets) in enumerate(loader):
             meter.data_done(time.perf_counter() - data_start)
@@ -210,7 +206,7 @@ class Trainer:
             if self._reached_max_steps():
                 break
             data_start = time.perf_counter()
-        return progress.samples_in_epoch == dataset.num_samples
+        return progress.samples_in_epoch == loader.dataset.num_samples
 
     def _log_interval(self, meter: IntervalMeter) -> None:
         values = meter.summary()
@@ -229,11 +225,7 @@ class Trainer:
         """COCO metrics of the model on `split`, logged at `at` (default: now); rank 0 writes the detections to
         detections_<split><detections_suffix>.json."""
         at = at or self.progress
-        dataset = ShardBatches(
-            shards, batch_size=self.loader_batch_size, seed=self.cfg.seed, epoch=0, rank=self.strategy.rank,
-            world_size=self.strategy.world_size, training=False, classes=self.classes,
-        )
-        loader = ShardLoader(dataset, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        loader = split_loader(shards, self.cfg.data, self.strategy, training=False, classes=self.classes)
         metrics = evaluate(
             self.model_without_ddp, loader, self.classes, self.strategy, self.device,
             out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
@@ -282,7 +274,7 @@ class Trainer:
         count = self.cfg.wandb.log_images
         if self.logger.wandb_run is None or count == 0:
             return
-        images, _ = next(iter(ShardBatches(shards, batch_size=count, seed=self.cfg.seed, epoch=0, training=False)))
+        images = first_images(shards, count)
         self.model_without_ddp.eval()
         predictions = predict(self.model_without_ddp, images, self.device, self.amp_dtype)
         self.model_without_ddp.train()

@@ -103,7 +103,8 @@ def iter_raw_samples(path: Path) -> Iterator[dict]:
         yield from wds.tariterators.group_by_keys(files)
 
 
-def _segment_samples(segments: list[Segment]) -> Iterator[dict]:
+def segment_samples(segments: list[Segment]) -> Iterator[dict]:
+    """The raw samples of the segments, in order."""
     for segment in segments:
         for index, sample in enumerate(iter_raw_samples(segment.shard.path)):
             if index >= segment.stop:
@@ -220,7 +221,7 @@ class ShardBatches(IterableDataset):
             self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
             world_size=self.world_size, training=self.training,
         )
-        samples = _segment_samples(segments)
+        samples = segment_samples(segments)
         if self.training and self.shuffle_buffer > 1:
             rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}")
             samples = _shuffled(samples, self.shuffle_buffer, rng)
@@ -268,6 +269,7 @@ class ShardLoader:
     """
 
     def __init__(self, dataset: ShardBatches, *, num_workers: int, pin_memory: bool):
+        self.dataset = dataset
         self.loader = DataLoader(
             dataset,
             generator=torch.Generator(),
@@ -289,6 +291,12 @@ class ShardLoader:
 
 def _as_is(batch):
     return batch
+
+
+def first_images(shards: list[Shard], count: int) -> list[torch.Tensor]:
+    """The first `count` images of a split in manifest order, decoded in this process: a preview."""
+    images, _ = next(iter(ShardBatches(shards, batch_size=count, seed=0, epoch=0, training=False)))
+    return images
 
 
 def summarize(manifest_path: str | Path, batch_size: int = 8, num_workers: int = 2) -> None:

@@ -23,8 +23,9 @@ from train.loop import Splits, Trainer
 from train.metrics import MetricsLogger
 from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
+from train.readers import steps_per_epoch
 from train.run_checkpoint import resume_run
-from train.shard_reader import samples_per_rank, split_shards
+from train.shard_reader import split_shards
 from train.strategy import Strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
 from train.weights import PretrainedWeightsUnavailable, fetch_starting_weights
@@ -66,11 +67,10 @@ def train(cfg: Config, strategy: Strategy) -> None:
 
     loader_batch = strategy.loader_batch_size(cfg.data.batch_size)
     global_batch = loader_batch * strategy.world_size * cfg.optim.accumulate_steps
-    batches_per_epoch = -(-samples_per_rank(splits.train, rank=0, world_size=strategy.world_size, training=True)
-                          // loader_batch)
-    steps_per_epoch = -(-batches_per_epoch // cfg.optim.accumulate_steps)
+    epoch_steps = steps_per_epoch(splits.train, world_size=strategy.world_size, loader_batch_size=loader_batch,
+                                  accumulate_steps=cfg.optim.accumulate_steps)
     optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
-    lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch, steps_per_epoch * cfg.train.epochs)
+    lr_schedule = build_lr_schedule(cfg.optim, optimizer, epoch_steps, epoch_steps * cfg.train.epochs)
     scaler = torch.amp.GradScaler(strategy.device.type) if cfg.train.amp == "fp16" else None
     progress = resume_run(cfg, strategy, model, optimizer, lr_schedule, scaler)
 
@@ -85,7 +85,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
             cfg.wandb.name, {"strategy": strategy.kind, "world_size": strategy.world_size,
                              "global_batch": global_batch, "gpu_names": gpu_stats.gpu_names()},
         )
-        print(f"{strategy}; global batch {global_batch}; {steps_per_epoch} steps/epoch\n{weights_report}", flush=True)
+        print(f"{strategy}; global batch {global_batch}; {epoch_steps} steps/epoch\n{weights_report}", flush=True)
     logger = MetricsLogger(run_dir, enabled=strategy.is_main, wandb_run=wandb_run, gpu_stats=gpu_stats)
 
     trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, classes, logger, progress)
