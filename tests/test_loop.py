@@ -21,6 +21,7 @@ from train.config import load_config
 from train.loop import NonFiniteLossError, Splits, Trainer
 from train.metrics import MetricsLogger
 from train.optim import build_lr_schedule, build_optimizer
+from train.readers import steps_per_epoch
 from train.run_checkpoint import Progress, resume_run
 from train.shard_reader import samples_per_rank, split_shards
 from train.strategy import Strategy, setup_strategy
@@ -116,6 +117,9 @@ def test_optimizer_steps_end_each_accumulation_window_and_the_epoch(make, tmp_pa
     expected_ends = [*range(3, batches, 3), batches]
     assert window_ends == expected_ends
     assert trainer.progress.step == len(expected_ends) == -(-batches // 3)
+    assert trainer.progress.step == steps_per_epoch(trainer.splits.train, world_size=1,
+                                                    loader_batch_size=trainer.cfg.data.batch_size,
+                                                    accumulate_steps=3)
     # gradients are synchronised on the last micro-batch of each window only
     assert [index + 1 for index, call in enumerate(model.calls) if call["synced"]] == expected_ends
     samples = samples_per_rank(trainer.splits.train, rank=0, world_size=1, training=True)
