@@ -51,9 +51,9 @@ from data_prep.manifest import manifest_classes
 from data_prep.synth import write_synthetic_coco
 from launch.torchrun import TRAIN_SCRIPT
 from train.config import ModelConfig
-from train.loop import AMP_DTYPES
 from train.metrics import METRICS_FILE_NAME
 from train.model import build_model
+from train.precision import AMP_DTYPES
 from train.shard_reader import samples_per_rank, split_shards
 
 TARGET_RATIO = 1.5

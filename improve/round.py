@@ -60,8 +60,8 @@ from train.checkpoint import (
 )
 from train.config import Config, config_to_dict, load_config
 from train.evaluate import evaluate, per_class_metrics
-from train.loop import AMP_DTYPES
 from train.model import build_model, model_from_checkpoint, trained_model_config
+from train.precision import AMP_DTYPES
 from train.readers import split_loader
 from train.shard_reader import split_shards
 from train.strategy import Strategy, setup_strategy

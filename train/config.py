@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from common.atomic_io import write_text_atomically
+from train.precision import AMP_DTYPES
 from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
 
@@ -114,7 +115,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _rule(1, min=1)
     max_steps: int | None = _rule(None, min=0)  # stop after this many optimizer steps in total (0: build, save)
-    amp: str = _rule("off", choices=("off", "bf16", "fp16"))
+    amp: str = _rule("off", choices=tuple(AMP_DTYPES))
     max_nonfinite_steps: int = _rule(5, min=1)  # stop after this many non-finite losses in a row
     log_every: int = _rule(10, min=1)
     throughput_warmup_steps: int = _rule(2, min=0)  # steps excluded from images/s

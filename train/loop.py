@@ -21,13 +21,12 @@ from train.config import Config
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
+from train.precision import AMP_DTYPES
 from train.readers import split_loader
 from train.run_checkpoint import Progress, RunCheckpointer
 from train.shard_reader import Shard, first_images
 from train.strategy import Strategy
 from train.wandb_run import log_detection_images
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
