@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,20 +144,29 @@ def _optional_size(path: Path, field: str, value: object) -> int | None:
     return value
 
 
-def _read_images(path: Path, entries: list, image_dir: Path, input_index: int) -> list[ImageRecord]:
-    images: list[ImageRecord] = []
+def _entries_with_unique_ids(path: Path, section: str, entries: list, non_negative: bool
+                             ) -> Iterator[tuple[str, dict, int]]:
+    """(field, entry, id) of each object in images[] or annotations[]; an id missing, invalid or repeated in the
+    section is an error naming the file and both entries."""
     first_index_of_id: dict[int, int] = {}
     for index, entry in enumerate(entries):
-        field = f"images[{index}]"
+        field = f"{section}[{index}]"
         entry = _object_at(path, field, entry)
-        image_id = entry.get("id")
-        if not _is_int(image_id) or image_id < 0:
-            raise AnnotationFileError(f"{path}: {field}.id missing or not a non-negative integer")
-        if image_id in first_index_of_id:
+        entry_id = entry.get("id")
+        if not _is_int(entry_id) or (non_negative and entry_id < 0):
+            expected = "a non-negative integer" if non_negative else "an integer"
+            raise AnnotationFileError(f"{path}: {field}.id missing or not {expected}")
+        if entry_id in first_index_of_id:
             raise AnnotationFileError(
-                f"{path}: {field}.id {image_id} repeats images[{first_index_of_id[image_id]}].id"
+                f"{path}: {field}.id {entry_id} repeats {section}[{first_index_of_id[entry_id]}].id"
             )
-        first_index_of_id[image_id] = index
+        first_index_of_id[entry_id] = index
+        yield field, entry, entry_id
+
+
+def _read_images(path: Path, entries: list, image_dir: Path, input_index: int) -> list[ImageRecord]:
+    images: list[ImageRecord] = []
+    for field, entry, image_id in _entries_with_unique_ids(path, "images", entries, non_negative=True):
         file_name = entry.get("file_name")
         if not isinstance(file_name, str) or not file_name:
             raise AnnotationFileError(f"{path}: {field}.file_name missing or not a non-empty string")
@@ -174,18 +184,7 @@ def _read_images(path: Path, entries: list, image_dir: Path, input_index: int) -
 
 def _read_annotations(path: Path, entries: list, input_index: int) -> list[AnnotationRecord]:
     annotations: list[AnnotationRecord] = []
-    first_index_of_id: dict[int, int] = {}
-    for index, entry in enumerate(entries):
-        field = f"annotations[{index}]"
-        entry = _object_at(path, field, entry)
-        annotation_id = entry.get("id")
-        if not _is_int(annotation_id):
-            raise AnnotationFileError(f"{path}: {field}.id missing or not an integer")
-        if annotation_id in first_index_of_id:
-            raise AnnotationFileError(
-                f"{path}: {field}.id {annotation_id} repeats annotations[{first_index_of_id[annotation_id]}].id"
-            )
-        first_index_of_id[annotation_id] = index
+    for _, entry, annotation_id in _entries_with_unique_ids(path, "annotations", entries, non_negative=False):
         annotations.append(AnnotationRecord(
             annotation_id=annotation_id,
             image_id=entry.get("image_id"),
