@@ -223,3 +223,18 @@ def test_disabled_logger_on_other_ranks_writes_nothing(tmp_path, capsys):
     logger.close()
     assert not (tmp_path / "run").exists()
     assert capsys.readouterr().out == "" and run.logged == []
+
+
+def test_an_evaluation_of_earlier_weights_reaches_wandb_at_its_own_chart_step(tmp_path):
+    """best.pt's test metrics come after the final step: wandb drops a lower step, so they go out at the latest
+    wandb step and carry the step of the weights they measured, which the charts plot them at."""
+    run = RecordingRun()
+    logger = MetricsLogger(tmp_path, wandb_run=run, print_fn=lambda line: None)
+    logger.log_eval(step=30, epoch=3, split="test", metrics={"AP": 0.4}, images_seen=120)
+    logger.log_eval(step=20, epoch=2, split="test", metrics={"AP": 0.5}, images_seen=80)
+    logger.close()
+
+    (final_step, final), (best_step, best) = run.logged
+    assert (final_step, final["step"], final["eval/test/AP"]) == (30, 30, 0.4)
+    assert (best_step, best["step"], best["images_seen"], best["eval/test/AP"]) == (30, 20, 80, 0.5)
+    assert [record["step"] for record in _read_records(tmp_path)] == [30, 20]

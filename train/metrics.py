@@ -142,7 +142,9 @@ class MetricsLogger:
     AP50/<class>, gt_boxes/<class>) as a table.
     wandb gets train values as train/<name>, GPU means as gpu/..., eval metrics as eval/<split>/<name>, plus
     "step" and "images_seen", at wandb step `step`; events and string values are not sent. wandb ignores a
-    step lower than one it already has, so steps replayed after a resume appear once there.
+    step lower than one it already has, so steps replayed after a resume appear once there. An evaluation of
+    earlier weights (best.pt's test metrics after training) goes out at this process's latest wandb step,
+    placed on the charts by its own "step" value.
     With enabled=False (ranks other than 0) every method does nothing and no file is opened.
     """
 
@@ -160,6 +162,7 @@ class MetricsLogger:
         self._gpu_stats = gpu_stats
         self._print = print_fn or (lambda line: print(line, flush=True))
         self._images_seen: int | None = None
+        self._wandb_step = 0  # the latest step this process logged to wandb
         self._file: TextIO | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +230,8 @@ class MetricsLogger:
         numeric["step"] = step
         if images_seen is not None:
             numeric["images_seen"] = images_seen
-        self.wandb_run.log(numeric, step=step)
+        self._wandb_step = max(self._wandb_step, step)
+        self.wandb_run.log(numeric, step=self._wandb_step)
 
 
 def _train_line(step: int, epoch: int, values: Mapping[str, Any]) -> str:
