@@ -25,6 +25,10 @@ class SplitSpec:
     counts: tuple[int, ...] | None = None
 
 
+NO_EMPTY_SPLITS = ("a split with no images is left out rather than given a zero share: e.g. --splits train=1.0 "
+                   "for no val (train then with eval.every_epochs=0)")
+
+
 def parse_splits(text: str) -> SplitSpec:
     """`train=0.8,val=0.1,test=0.1` (fractions) or `train=1600,val=200,test=200` (counts)."""
     names, values = [], []
@@ -39,12 +43,14 @@ def parse_splits(text: str) -> SplitSpec:
     if all(re.fullmatch(r"\d+", v) for v in values):
         counts = tuple(int(v) for v in values)
         if any(c <= 0 for c in counts):
-            raise ValueError(f"--splits: counts must be positive: '{text}'")
+            raise ValueError(f"--splits: counts must be positive: '{text}'; {NO_EMPTY_SPLITS}")
         return SplitSpec(tuple(names), counts=counts)
     try:
         fractions = tuple(float(v) for v in values)
     except ValueError:
         raise ValueError(f"--splits: values must be all fractions or all counts: '{text}'") from None
+    if any(f == 0 for f in fractions):
+        raise ValueError(f"--splits: '{text}': {NO_EMPTY_SPLITS}")
     if any(not 0 < f <= 1 for f in fractions) or abs(sum(fractions) - 1) > FRACTION_TOLERANCE:
         raise ValueError(f"--splits: fractions must be in (0, 1] and sum to 1: '{text}'")
     return SplitSpec(tuple(names), fractions=fractions)

@@ -6,6 +6,7 @@ holds the sample index), so they only answer correctly when evaluate() feeds the
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -153,6 +154,11 @@ def run_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         except Exception as error:
             report["failure"] = f"{type(error).__name__}: {error}"
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        # As Strategy.teardown does: DDP wrappers sit in reference cycles and keep the group alive; collected only
+        # at interpreter exit, gloo's threads die too late and the process aborts ("terminate called without an
+        # active exception", SIGABRT).
+        del model
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()

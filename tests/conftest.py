@@ -10,13 +10,14 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.synth import write_synthetic_coco
 
 
-def shard_synthetic_set(root: Path, *, num_images: int, image_size: int, shard_max_count: int) -> Path:
+def shard_synthetic_set(root: Path, *, num_images: int, image_size: int, shard_max_count: int,
+                        splits: str = "train=0.7,val=0.15,test=0.15") -> Path:
     """Generate and shard a synthetic set under root; returns the manifest path."""
     annotations = write_synthetic_coco(root / "synth", num_images=num_images, image_size=image_size, seed=0)
     out = root / "shards"
     exit_code = data_prep_main([
         "shard", "--input", f"{annotations}:{root / 'synth' / 'images'}", "--out", str(out),
-        "--splits", "train=0.7,val=0.15,test=0.15", "--shard-max-count", str(shard_max_count),
+        "--splits", splits, "--shard-max-count", str(shard_max_count),
         "--num-workers", "1", "--seed", "0",
     ])
     assert exit_code == 0

@@ -97,3 +97,9 @@ def test_content_keys_give_a_split_per_content():
     order = hash_order(keys, seed=0)
     assert abs(order.index(1) - order.index(3)) == 1  # same key, same value: neighbours, tie broken by id
     assert order.index(1) < order.index(3)
+
+
+@pytest.mark.parametrize("text", ["train=1.0,val=0", "train=1.0,val=0.0", "train=100,val=0"])
+def test_a_zero_share_says_how_to_have_no_such_split(text):
+    with pytest.raises(ValueError, match=r"left out .* --splits train=1\.0 for no val .*eval\.every_epochs=0"):
+        parse_splits(text)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shard_synthetic_set
 from torchvision.models import detection
 
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
+from train.main import main as train_main
 from train.run_checkpoint import KILL_BEFORE_CHECKPOINT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +146,25 @@ def run_training_initial_weights(manifest: Path, run_dir: Path) -> dict:
     overrides = ["train.max_steps=0", "eval.test_at_end=false", "model.frozen_batchnorm=true"]
     run_training(tiny_overrides(manifest, run_dir) + overrides, nproc=0)
     return latest_valid_checkpoint(run_dir)[1]["model"]
+
+
+# main's torchrun @record wants a real stderr for its fault handler; under capsys it has none and says so
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_a_manifest_without_val_trains_when_the_run_does_not_validate(tmp_path, capsys):
+    """Training reads only the splits it uses; a run that would validate says which option to change."""
+    manifest = shard_synthetic_set(tmp_path / "data", num_images=24, image_size=96, shard_max_count=7,
+                                   splits="train=0.75,test=0.25")
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(manifest, run_dir), "strategy=single", "wandb.mode=disabled", "train.max_steps=2"]
+
+    assert train_main(overrides) == 2  # eval.every_epochs=1 in tiny_overrides: validation needs the val split
+    error = capsys.readouterr().err
+    assert "no split 'val'" in error and "eval.every_epochs=0 trains without it" in error
+    assert not run_dir.exists()
+
+    assert train_main([*overrides, "eval.every_epochs=0"]) == 0
+    state = load_checkpoint(latest_valid_checkpoint(run_dir)[0])
+    assert state["progress"]["step"] == 2 and math.isfinite(state["test_metrics"]["AP"])
 
 
 def test_bad_config_key_fails_before_work(small_manifest, tmp_path):

@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from train.config import load_config
 from train.strategy import setup_strategy
-from train.training import fetch_weights_once, train
+from train.training import fetch_weights_once, read_splits, train
 from train.weights import PretrainedWeightsUnavailable, starting_weights
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         starting_weights(cfg.model)  # a weights name resolves, a weights file exists
+        read_splits(cfg)  # the manifest has the splits this run reads
     except (ValueError, FileNotFoundError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

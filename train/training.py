@@ -25,7 +25,7 @@ from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
 from train.readers import steps_per_epoch
 from train.run_checkpoint import resume_run
-from train.shard_reader import split_shards
+from train.shard_reader import Shard, split_shards
 from train.strategy import Strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
 from train.weights import PretrainedWeightsUnavailable, fetch_starting_weights
@@ -50,11 +50,29 @@ def fetch_weights_once(cfg: Config, strategy: Strategy) -> None:
     strategy.raise_if_any_failed(error, "fetching the starting weights", PretrainedWeightsUnavailable)
 
 
+def read_splits(cfg: Config) -> Splits:
+    """The shards of the splits this run reads: validation's only when it validates, test's only when it tests at
+    the end, so a manifest without them trains when the config does not ask for them. A missing split's error
+    says which option reads it."""
+    def shards(split: str, option: str) -> list[Shard]:
+        try:
+            return split_shards(cfg.data.manifest, split)
+        except ValueError as error:
+            raise ValueError(f"{error}: {option}") from None
+
+    return Splits(
+        train=shards(cfg.data.train_split, "data.train_split names the split to train on"),
+        val=shards(cfg.data.val_split, "validation reads it (data.val_split); eval.every_epochs=0 trains "
+                   "without it") if cfg.eval.every_epochs else [],
+        test=shards(cfg.data.test_split, "the test at the end reads it (data.test_split); eval.test_at_end=false "
+                    "trains without it") if cfg.eval.test_at_end else [],
+    )
+
+
 def train(cfg: Config, strategy: Strategy) -> None:
     run_dir = Path(cfg.run_dir)
     classes = manifest_classes(cfg.data.manifest)
-    splits = Splits(*(split_shards(cfg.data.manifest, name)
-                      for name in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
+    splits = read_splits(cfg)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, weights_report = build_model(cfg.model, classes.num_classes)
