@@ -23,7 +23,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data_prep.class_list import ClassList
-from train.evaluate import METRIC_STATS_INDEX, PER_CLASS_METRICS, evaluate, ground_truth_path, per_class_metrics
+from train.evaluate import (
+    METRIC_STATS_INDEX,
+    PER_CLASS_METRICS,
+    evaluate,
+    ground_truth_path,
+    per_class_metrics,
+    score_detections,
+)
 
 METRIC_NAMES = set(METRIC_STATS_INDEX) | {f"{metric}/{c.name}" for metric in PER_CLASS_METRICS
                                           for c in CATEGORIES}
@@ -64,7 +71,9 @@ def test_perfect_detector_scores_one_and_saves_json_that_rescores_the_same(tmp_p
     assert model.training, "evaluate must give the model back in the mode it found it"
 
     stats = rescore_with_plain_pycocotools(out_path)
-    assert {name: float(stats[index]) for name, index in METRIC_STATS_INDEX.items()} == summary(metrics)
+    # faster-coco-eval scores, pycocotools is the reference: equal up to float summation order (1 ulp here)
+    assert {name: float(stats[index]) for name, index in METRIC_STATS_INDEX.items()} == pytest.approx(
+        summary(metrics), rel=0, abs=1e-12)
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["val_epoch1.json", "val_epoch1_gt.json"]
 
     detections = json.loads(out_path.read_text())
@@ -239,7 +248,7 @@ def test_real_torchvision_detector_output_flows_through(tmp_path):
     assert float(stats[0]) == pytest.approx(metrics["AP"], nan_ok=True)
 
 
-def test_pycocotools_prints_only_the_summary_and_only_when_verbose(capsys):
+def test_the_scorer_prints_only_the_summary_and_only_when_verbose(capsys):
     samples = make_samples()
 
     run_evaluate(perfect_detector(samples), samples)
@@ -249,3 +258,47 @@ def test_pycocotools_prints_only_the_summary_and_only_when_verbose(capsys):
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in printed
     assert "index created" not in printed and "Loading and preparing results" not in printed
+
+
+def test_scores_match_plain_pycocotools_on_a_crowded_noisy_result_set(tmp_path):
+    """The reference check of the scorer (faster-coco-eval) against pycocotools: 40 images, 1-12 boxes each over
+    three classes, some crowd, 60 detections per image (jittered true boxes and random ones), all 12 stats and
+    the per-class AP and AP50 that train/evaluate.py derives from the accumulated precision."""
+    generator = torch.Generator().manual_seed(0)
+    images, annotations, detections = [], [], []
+    for image_id in range(1, 41):
+        images.append({"id": image_id, "width": 320, "height": 240})
+        for _ in range(int(torch.randint(1, 13, (1,), generator=generator))):
+            x, y = (torch.rand(2, generator=generator) * torch.tensor([250.0, 180.0])).tolist()
+            w, h = (torch.rand(2, generator=generator) * 60 + 4).tolist()
+            category = [3, 17, 90][int(torch.randint(0, 3, (1,), generator=generator))]
+            crowd = int(torch.rand(1, generator=generator) < 0.05)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd})
+            jitter = (torch.randn(4, generator=generator) * 3).tolist()
+            detections.append({"image_id": image_id, "category_id": category, "score": 0.5 + 0.5 * float(
+                torch.rand(1, generator=generator)), "bbox": [x + jitter[0], y + jitter[1], max(w + jitter[2], 1),
+                                                               max(h + jitter[3], 1)]})
+        while sum(d["image_id"] == image_id for d in detections) < 60:
+            x, y, w, h = (torch.rand(4, generator=generator) * torch.tensor([250.0, 180.0, 60.0, 60.0]) + 1).tolist()
+            detections.append({"image_id": image_id, "category_id": [3, 17, 90][len(detections) % 3],
+                               "score": 0.6 * float(torch.rand(1, generator=generator)), "bbox": [x, y, w, h]})
+    categories = [{"id": category.category_id, "name": category.name} for category in CATEGORIES]
+    ground_truth = {"images": images, "annotations": annotations, "categories": categories}
+
+    metrics = score_detections(ground_truth, detections)
+
+    (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
+    coco_gt = COCO(str(tmp_path / "gt.json"))
+    reference = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="bbox")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    assert 0.3 < metrics["AP50"] < 1.0, "a case where ranking and matching matter"
+    defined = {name: float(reference.stats[index]) for name, index in METRIC_STATS_INDEX.items()}
+    defined = {name: value if value != -1 else math.nan for name, value in defined.items()}  # -1: no such boxes
+    assert summary(metrics) == pytest.approx(defined, rel=0, abs=1e-12, nan_ok=True)
+    precision = reference.eval["precision"][:, :, :, 0, 2]  # area all, 100 detections
+    for k, category in enumerate(CATEGORIES):
+        assert metrics[f"AP/{category.name}"] == pytest.approx(float(precision[:, :, k].mean()), abs=1e-12)
+        assert metrics[f"AP50/{category.name}"] == pytest.approx(float(precision[0, :, k].mean()), abs=1e-12)

@@ -3,8 +3,9 @@
 Each rank runs the model on its own batches and turns the outputs into plain Python records (COCO ids,
 xywh boxes), so gathering works on gloo and nothing large stays on the accelerator. Rank 0 de-duplicates the
 gathered records by image id, rebuilds the ground truth from the evaluation targets (crowd boxes included,
-so COCOeval treats them as ignore regions), scores with pycocotools and writes the detections and ground
-truth as JSON that plain pycocotools can re-score. The metrics are broadcast, so every rank returns the same
+so COCOeval treats them as ignore regions), scores with faster-coco-eval (pycocotools' COCOeval in C++: the same
+numbers, 5.7x faster on 5,000 images with 100 detections each, docs/benchmarks.md) and writes the detections and
+ground truth as JSON that plain pycocotools can re-score. The metrics are broadcast, so every rank returns the same
 dict.
 
 Besides the summary metrics, every class of the ground truth gets `AP/<name>`, `AP50/<name>` (area all, 100
@@ -29,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCO
+from faster_coco_eval import COCOeval_faster as COCOeval
 from torch import nn
 
 from common.atomic_io import write_json_atomically
@@ -238,7 +239,7 @@ def score_detections(ground_truth: dict, detections: list[dict], verbose: bool =
         coco_gt.dataset = copy.deepcopy(ground_truth)
         coco_gt.createIndex()
         coco_dt = _load_results(coco_gt, detections)
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox", print_function=print)  # its summary to stdout
         coco_eval.evaluate()
         coco_eval.accumulate()
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
