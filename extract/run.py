@@ -155,7 +155,7 @@ def _gathered_steps(steps: Iterator[StepResult], strategy: Strategy) -> Iterator
     """Every rank's next StepResult, in rank order, until all ranks are done.
 
     Ranks may hold different numbers of batches, so a finished rank keeps joining the gather with None.
-    A rank that fails raises on every rank (Strategy.raise_if_any_failed) rather than leave them waiting.
+    A rank that fails raises on every rank (Strategy.all_gather_or_raise) rather than leave them waiting.
     """
     while True:
         local, error = None, None
@@ -163,8 +163,7 @@ def _gathered_steps(steps: Iterator[StepResult], strategy: Strategy) -> Iterator
             local = next(steps, None)
         except Exception as caught:
             error = caught
-        strategy.raise_if_any_failed(error, "extraction")
-        gathered = strategy.all_gather_object(local)
+        gathered = strategy.all_gather_or_raise(local, error, "extraction")
         if all(step is None for step in gathered):
             return
         yield [step for step in gathered if step is not None]

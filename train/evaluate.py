@@ -79,8 +79,7 @@ def evaluate(
         records = _predict_records(model, batches, classes, device, amp_dtype, score_threshold)
     except Exception as error:
         local_error = error
-    strategy.raise_if_any_failed(local_error, "evaluation")
-    records = _unique_by_image_id(strategy.all_gather_object(records))
+    records = _unique_by_image_id(strategy.all_gather_or_raise(records, local_error, "evaluation"))
     if not records:
         raise ValueError("evaluation got no images on any rank: the split is empty or the reader yielded none")
 

@@ -105,10 +105,18 @@ class Strategy:
         rank raises its own exception (its type and traceback intact, the other failing ranks in a note); every
         other rank raises `error_type("<what> failed on rank r: Type: message; rank s: ...")`.
         """
+        self.all_gather_or_raise(None, error, what, error_type)
+
+    def all_gather_or_raise(
+        self, obj: Any, error: BaseException | None, what: str, error_type: type[Exception] = RuntimeError
+    ) -> list[Any]:
+        """`all_gather_object(obj)` and `raise_if_any_failed(error, ...)` in one gather: every rank's obj, unless
+        a rank passed an error, in which case every rank raises as `raise_if_any_failed` says."""
         described = None if error is None else f"{type(error).__name__}: {error}"
-        failed = {rank: failure for rank, failure in enumerate(self.all_gather_object(described)) if failure}
+        gathered = self.all_gather_object((obj, described))
+        failed = {rank: failure for rank, (_, failure) in enumerate(gathered) if failure}
         if not failed:
-            return
+            return [item for item, _ in gathered]
         others = "; ".join(f"rank {rank}: {failure}" for rank, failure in failed.items() if rank != self.rank)
         if error is None:
             raise error_type(f"{what} failed on {others}")
