@@ -1,6 +1,8 @@
 """Shared fixtures: a synthetic product set sharded once per test session (real data_prep output); no test
 reads the user's torch.hub cache or downloads anything."""
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,11 +32,23 @@ def small_manifest(tmp_path_factory) -> Path:
     return shard_synthetic_set(tmp_path_factory.mktemp("small"), num_images=60, image_size=96, shard_max_count=7)
 
 
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory) -> Iterator[Path]:
+    """A folder for a module's shared fixtures, removed when the module ends unless one of its tests failed. With
+    `tmp_path_retention_policy = "failed"` (pyproject.toml) the suite holds one module's files at a time: kept, its
+    checkpoints add up to over 6 GB, more than a CI machine may have free."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__)
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def offline_torch_hub(tmp_path_factory, monkeypatch):
+def offline_torch_hub(tmp_path, monkeypatch):
     """TORCH_HOME is an empty folder (subprocesses inherit it), and a download attempt fails the test: tests seed
     the files they need, and a test that would reach the network fails here instead."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
     def no_download(url, *args, **kwargs):
         raise AssertionError(f"a test tried to download {url}")

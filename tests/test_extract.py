@@ -40,15 +40,16 @@ STORED_AP_PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.75, "gt_boxes": 4},
 
 
 @pytest.fixture(scope="module")
-def checkpoint(small_manifest, tmp_path_factory) -> Path:
-    return write_checkpoint(small_manifest, tmp_path_factory.mktemp("model") / "best.pt", test_map=0.25)
+def checkpoint(small_manifest, module_dir) -> Path:
+    return write_checkpoint(small_manifest, module_dir / "model" / "best.pt", test_map=0.25)
 
 
 @pytest.fixture(scope="module")
-def image_folder(small_manifest, tmp_path_factory) -> Path:
+def image_folder(small_manifest, module_dir) -> Path:
     """8 good images (one a PNG in a subfolder), a file that is no image, a truncated JPEG and a text file."""
     synth_images = sorted((small_manifest.parent.parent / "synth" / "images").glob("*.jpg"))
-    folder = tmp_path_factory.mktemp("photos")
+    folder = module_dir / "photos"
+    folder.mkdir()
     for source in synth_images[: GOOD_IMAGES - 1]:
         shutil.copy(source, folder / source.name)
     (folder / "sub").mkdir()
@@ -80,9 +81,10 @@ def assert_consistent(db: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def folder_run(checkpoint, image_folder, tmp_path_factory):
+def folder_run(checkpoint, image_folder, module_dir):
     """One extraction over the folder into a fresh SQLite file, annotating the default first 4 inputs."""
-    out = tmp_path_factory.mktemp("folder_run")
+    out = module_dir / "folder_run"
+    out.mkdir()
     stdout = io.StringIO()  # module-scoped fixtures cannot use capsys
     with contextlib.redirect_stdout(stdout):
         assert extract(checkpoint, out / "attributes.sqlite", "--input", str(image_folder),
@@ -174,8 +176,9 @@ def test_query_command(folder_run, image_folder, capsys):
 
 
 @pytest.fixture(scope="module")
-def val_run(checkpoint, small_manifest, tmp_path_factory) -> Path:
-    db = tmp_path_factory.mktemp("val_run") / "attributes.sqlite"
+def val_run(checkpoint, small_manifest, module_dir) -> Path:
+    (module_dir / "val_run").mkdir()
+    db = module_dir / "val_run" / "attributes.sqlite"
     assert extract(checkpoint, db, "--manifest", str(small_manifest), "--split", "val",
                    "--annotate", "0") == 0
     return db

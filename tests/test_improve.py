@@ -87,9 +87,9 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(module_dir):
     """Base training and both rounds; the tests below read what they left behind."""
-    root = tmp_path_factory.mktemp("improve")
+    root = module_dir
     old_data = make_shards(root / "old", seed=1, drop_category=CAN, image_id_offset=0)
     new_data = make_shards(root / "new", seed=2, drop_category=None, image_id_offset=1000)
     base_dir = root / "base"

@@ -34,8 +34,8 @@ def run_bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bench(small_manifest, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("bench")
+def bench(small_manifest, module_dir):
+    tmp_path = module_dir
     out = tmp_path / "out"
     args = ["--gpus", "2", "--global-batch", str(GLOBAL_BATCH), "--warmup", str(WARMUP),
             "--steps", str(STEPS), "--repeats", "1", "--bench-id", "cpu-test", "--out", str(out)]

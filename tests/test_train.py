@@ -61,9 +61,9 @@ def records(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(small_manifest, tmp_path_factory):
+def uninterrupted_run(small_manifest, module_dir):
     """The reference: 2 processes, 2 epochs, every artefact written."""
-    run_dir = tmp_path_factory.mktemp("reference")
+    run_dir = module_dir / "reference"
     result = run_training(tiny_overrides(small_manifest, run_dir) + ["checkpoint.every_steps=3"])
     return run_dir, result
 
