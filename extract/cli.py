@@ -5,6 +5,8 @@
     python -m extract CHECKPOINT --manifest data/synth/shards/manifest.json --split test
     torchrun --nproc_per_node=2 -m extract CHECKPOINT --input photos/
     python -m extract query attributes.sqlite (--image PATH|KEY | --attribute NAME | --class-ap | ...)
+    python -m extract export CHECKPOINT --out model.onnx           # for serving: extract/export.py
+    python -m extract model.onnx --backend onnxruntime --input photos/   # the exported model, on the CPU
 
 Files go through data_prep's normalisation (EXIF orientation, RGB, alpha) exactly as training images did,
 so boxes are in pixels of the upright image; a file it rejects (corrupt, truncated, not an image) is skipped,
@@ -22,6 +24,8 @@ import sys
 from pathlib import Path
 
 from extract.database import display_name
+from extract.detector import BACKENDS
+from extract.export import run_export
 from extract.query import parse_query_args, print_rows, run_query
 from extract.run import Summary, run_extraction
 from train.strategy import setup_strategy
@@ -52,7 +56,8 @@ def parse_annotate(value: str) -> int | None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m extract", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train/main.py (best.pt, ...)")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train/main.py (best.pt, ...), or "
+                        "with --backend onnxruntime a model written by `python -m extract export`")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="a folder of images (recursive), a glob pattern or one image file")
     source.add_argument("--manifest", type=Path, help="a data_prep manifest.json; needs --split")
@@ -68,7 +73,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                         help="autocast dtype; auto = bf16 on a GPU, off on the CPU")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch: the checkpoint in PyTorch; onnxruntime: an exported model, on the CPU in float32")
     args = parser.parse_args(argv)
+    if args.backend == "onnxruntime":
+        if args.device == "cuda" or args.amp == "bf16":
+            parser.error("--backend onnxruntime runs on the CPU in float32: it takes no --device cuda or --amp bf16")
+        args.device = "cpu"
     if args.manifest is not None and args.split is None:
         parser.error("--manifest needs --split")
     if args.batch_size < 1 or args.max_detections < 1 or args.num_workers < 0:
@@ -79,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return run_export(argv[1:])
     if argv[:1] == ["query"]:
         rows = run_query(parse_query_args(argv[1:]))
         try:

@@ -1,5 +1,6 @@
 """A trained checkpoint as a detector ready for inference: built as it was trained, loaded strictly, with the
-score threshold and per-image cap applied inside the model."""
+score threshold and per-image cap applied inside the model; or, with backend "onnxruntime", a model exported by
+`python -m extract export` (extract/onnx_backend.py), which carries the same class list and test metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from data_prep.class_list import ClassList
+from extract.onnx_backend import load_onnx_model
 from train.checkpoint import checkpoint_classes, load_model_checkpoint
 from train.evaluate import per_class_metrics
 from train.model import model_from_checkpoint
@@ -23,8 +25,17 @@ class Detector:
     test_ap_per_class: dict[str, dict[str, float]]  # {} when the checkpoint records none
 
 
-def load_detector(path: Path, score_threshold: float, max_detections: int) -> Detector:
-    """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly."""
+BACKENDS = ("torch", "onnxruntime")
+
+
+def load_detector(path: Path, score_threshold: float, max_detections: int, backend: str = "torch") -> Detector:
+    """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly; with
+    backend "onnxruntime", the exported model at `path` run by onnxruntime."""
+    if backend == "onnxruntime":
+        model, metadata = load_onnx_model(path, score_threshold, max_detections)
+        classes = ClassList.from_json(metadata["categories"], source=path)
+        return Detector(model, metadata["architecture"], classes, stored_test_map(metadata),
+                        per_class_metrics(metadata["test_metrics"]))
     state = load_model_checkpoint(path)
     model, model_cfg = model_from_checkpoint(state, path)
     limit_detections(model, score_threshold, max_detections)

@@ -112,7 +112,7 @@ class Summary:
 
 def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | None:
     """Extract on every rank; rank 0 writes the database and returns the summary (None elsewhere)."""
-    detector = load_detector(args.checkpoint, args.score_threshold, args.max_detections)
+    detector = load_detector(args.checkpoint, args.score_threshold, args.max_detections, args.backend)
     detector.model.to(strategy.device)
     db: AttributesDB | None = open_database(args.db) if strategy.is_main else None
     model_id, done = None, None
