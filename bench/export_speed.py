@@ -1,6 +1,6 @@
 """Export for serving: how long `python -m extract export` takes, how big the .onnx file is, and per-image
-inference time and agreement of onnxruntime against PyTorch on the CPU (one image per forward pass, as
-extraction's --backend onnxruntime runs it).
+inference time (medians, the two alternated) and agreement of onnxruntime against PyTorch on the CPU (one image
+per forward pass, as extraction's --backend onnxruntime runs it).
 
     python bench/export_speed.py --model fasterrcnn_mobilenet_v3_large_320_fpn --min-size 320 --max-size 320 \
         --out docs/bench_results/export_speed.jsonl
@@ -41,14 +41,20 @@ def write_random_checkpoint(name: str, min_size: int, max_size: int, path: Path)
                      "test_metrics": {"AP": 0.0}}, path)
 
 
-def per_image_seconds(model, images: list[torch.Tensor]) -> tuple[float, list[dict]]:
-    times, outputs = [], []
+def per_image_seconds(models: list, images: list[torch.Tensor]) -> tuple[list[float], list[list[dict]]]:
+    """Median seconds per image of each model, run in turn on each image (a shared machine's load hits all
+    alike), after one warm-up image each."""
+    times: list[list[float]] = [[] for _ in models]
+    outputs: list[list[dict]] = [[] for _ in models]
     with torch.inference_mode():
+        for model in models:
+            model([images[0]])
         for image in images:
-            started = time.perf_counter()
-            outputs.append(model([image])[0])
-            times.append(time.perf_counter() - started)
-    return statistics.median(times), outputs
+            for index, model in enumerate(models):
+                started = time.perf_counter()
+                outputs[index].append(model([image])[0])
+                times[index].append(time.perf_counter() - started)
+    return [statistics.median(seconds) for seconds in times], outputs
 
 
 def main() -> None:
@@ -70,12 +76,12 @@ def main() -> None:
         generator = torch.Generator().manual_seed(1)
         images = [torch.rand(3, args.image_size * 3 // 4, args.image_size, generator=generator)
                   for _ in range(args.images)]
-        torch_s, torch_out = per_image_seconds(load_detector(checkpoint, 0.05, 100).model, images)
-        onnx_s, onnx_out = per_image_seconds(load_detector(exported, 0.05, 100, "onnxruntime").model, images)
+        models = [load_detector(checkpoint, 0.05, 100).model, load_detector(exported, 0.05, 100, "onnxruntime").model]
+        (torch_s, onnx_s), (torch_out, onnx_out) = per_image_seconds(models, images)
         size_mb = exported.stat().st_size / 1e6
     first = args.compare
-    score_diff = max(float((a["scores"][:first] - b["scores"][:first]).abs().max(initial=0))
-                     for a, b in zip(torch_out, onnx_out, strict=True))
+    score_diff = max(float((a["scores"][:first] - b["scores"][:first]).abs().max())
+                     for a, b in zip(torch_out, onnx_out, strict=True) if len(a["scores"]) and len(b["scores"]))
     result = {"model": args.model, "min_size": args.min_size, "max_size": args.max_size,
               "image": f"{args.image_size}x{args.image_size * 3 // 4}", "export_s": round(export_seconds, 1),
               "onnx_mb": round(size_mb, 1), "torch_s_per_image": round(torch_s, 3),

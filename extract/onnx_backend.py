@@ -33,12 +33,15 @@ def require(module: str, purpose: str) -> ModuleType:
 
 
 def open_session(path: Path):
-    """An onnxruntime CPU session for `path`, with as many threads as torch uses (1 per rank under torchrun)."""
+    """An onnxruntime CPU session for `path`, with as many threads as torch uses (1 per rank under torchrun)
+    that do not spin between runs."""
     ort = require("onnxruntime", "--backend onnxruntime")
     if not Path(path).is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # idle threads sleep instead of spinning: the loader workers decoding the next batch want those cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
