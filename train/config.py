@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from common.atomic_io import write_text_atomically
+from train.augment import AUGMENT_POLICIES
 from train.precision import AMP_DTYPES
 from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
@@ -41,8 +42,21 @@ class DataConfig:
     batch_size: int = _rule(2, min=1)  # images per device per step (dp loads batch_size * num_gpus)
     num_workers: int = _rule(2, min=0)
     shuffle_buffer: int = _rule(64, min=0)
-    hflip_prob: float = _rule(0.5, min=0.0, max=1.0)
+    hflip_prob: float = _rule(0.5, min=0.0, max=1.0)  # the flip, under every augment policy
     aspect_ratio_grouping: bool = True  # batch landscape with landscape, portrait with portrait (less padding)
+    # Training images' scale (train/augment.py): hflip = the flip alone, the model resizes to model.min_size/max_size;
+    # multiscale and lsj size images in the reader, and the model then resizes in evaluation only.
+    augment: str = _rule("hflip", choices=AUGMENT_POLICIES)
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # multiscale: shorter sides
+    max_size: int = _rule(1333, min=1)  # multiscale: the longer side's cap
+    jitter_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # lsj: scale factors, low and high
+    crop_size: int = _rule(1024, min=1)  # lsj: the square every training image is cut or padded to
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) < 1:
+            raise ValueError(f"scales must be a non-empty list of sizes >= 1, got {self.scales}")
+        if len(self.jitter_range) != 2 or not 0 < self.jitter_range[0] <= self.jitter_range[1]:
+            raise ValueError(f"jitter_range must be [low, high] with 0 < low <= high, got {self.jitter_range}")
 
 
 @dataclass

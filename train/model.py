@@ -31,9 +31,14 @@ from train.weights import (
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsReport]:
+def build_model(
+    cfg: ModelConfig, num_classes: int, *, resize_in_training: bool = True
+) -> tuple[nn.Module, WeightsReport]:
     """Build detector `cfg.name` on the CPU with a head for `num_classes` (background included) and load its
     starting weights (`cfg.weights` or `cfg.weights_backbone`).
+
+    resize_in_training=False: the reader has sized the training images (data.augment multiscale or lsj, see
+    train/augment.py), so the model resizes to min_size/max_size in evaluation only (torchvision's `_skip_resize`).
 
     With `cfg.frozen_batchnorm` the backbone's BatchNorm2d layers become FrozenBatchNorm2d, as torchvision does
     for pretrained backbones: batches of 2 images per GPU are too small for useful batch statistics.
@@ -50,6 +55,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsR
     name = cfg.name
     start = fetch_starting_weights(cfg)  # before the build: a missing file fails before any work
     size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
+    if not resize_in_training:
+        if name in FIXED_SIZE_MODELS:
+            raise ValueError(f"data.augment multiscale and lsj size training images in the reader; {name} resizes "
+                             "every image to its own fixed size: use data.augment=hflip with it")
+        size_kwargs["_skip_resize"] = True
     if name in FIXED_SIZE_MODELS:
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
     builder_kwargs = cfg.builder_kwargs.given()
