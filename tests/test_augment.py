@@ -149,8 +149,6 @@ def test_model_resizes_in_evaluation_only_when_the_reader_sizes_training_images(
     assert images.image_sizes == [(100, 200)] and torch.equal(targets[0]["boxes"], target["boxes"])
     model.eval()
     assert model.transform([image.float() / 255])[0].image_sizes == [(64, 128)]
-    with pytest.raises(ValueError, match="data.augment=hflip"):
-        build_model(ModelConfig("ssdlite320_mobilenet_v3_large"), 4, resize_in_training=False)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -197,3 +195,9 @@ def test_each_policy_trains_at_the_reader_sizes_and_resumes_exactly(small_manife
     assert set(seen) == sizes  # the model trained at the reader's sizes, not at model.min_size (96)
     tiny_run(small_manifest, tmp_path / "resumed", policy, max_steps=2)
     assert tiny_run(small_manifest, tmp_path / "resumed", policy, max_steps=3) == uninterrupted
+
+
+def test_a_fixed_size_model_takes_only_the_flip():
+    with pytest.raises(ValueError, match="data.augment: lsj sizes training images in the reader, but model.name "
+                                         "ssdlite320_mobilenet_v3_large resizes every image to its own fixed size"):
+        load_config(None, ["model.name=ssdlite320_mobilenet_v3_large", "data.augment=lsj"])

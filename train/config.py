@@ -21,6 +21,7 @@ import yaml
 
 from common.atomic_io import write_text_atomically
 from train.augment import AUGMENT_POLICIES
+from train.detectors import FIXED_SIZE_MODELS
 from train.precision import AMP_DTYPES
 from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
@@ -252,7 +253,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         cfg = _merge(Config, _read_yaml_file(Path(path)), str(path), "", cfg)
     for override in overrides:
         cfg = _merge(Config, _parse_override(override), COMMAND_LINE, "", cfg)
+    _check_across_sections(cfg)
     return cfg
+
+
+def _check_across_sections(cfg: Config) -> None:
+    """Rules that tie options of two sections together, checked once on the final config."""
+    if cfg.data.augment != "hflip" and cfg.model.name in FIXED_SIZE_MODELS:
+        raise ValueError(f"data.augment: {cfg.data.augment} sizes training images in the reader, but model.name "
+                         f"{cfg.model.name} resizes every image to its own fixed size: use data.augment=hflip")
 
 
 def model_config_from_dict(saved: dict[str, Any], source: str) -> ModelConfig:

@@ -56,9 +56,6 @@ def build_model(
     start = fetch_starting_weights(cfg)  # before the build: a missing file fails before any work
     size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
     if not resize_in_training:
-        if name in FIXED_SIZE_MODELS:
-            raise ValueError(f"data.augment multiscale and lsj size training images in the reader; {name} resizes "
-                             "every image to its own fixed size: use data.augment=hflip with it")
         size_kwargs["_skip_resize"] = True
     if name in FIXED_SIZE_MODELS:
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
