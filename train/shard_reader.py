@@ -20,10 +20,10 @@ gives exact epochs or resume, so this module plans each epoch itself and uses we
    before any decoding and yields exactly what an uninterrupted reader would have yielded from there.
 
 Augmentation (the horizontal flip, and the scale policies of train/augment.py) is drawn per sample from
-(seed, epoch, key), so it is the same whichever worker or resume point reads the sample. Evaluation is never
-augmented. Training labels come from the original category ids through the class list
-the trainer uses (`classes`, a data_prep.class_list.ClassList), so shards of several data_prep outputs, each
-numbered for its own classes, can be read as one set.
+(seed, epoch, key), so it is the same whichever worker or resume point reads the sample; evaluation is never
+augmented. Training labels come from the original category ids through the class list the trainer uses
+(`classes`, a data_prep.class_list.ClassList), so shards of several data_prep outputs, each numbered for its own
+classes, can be read as one set.
 """
 
 from __future__ import annotations
