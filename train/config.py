@@ -25,10 +25,10 @@ from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
 
 COMMAND_LINE = "command line"
-# Options that one other option now sets, with where: a clear error instead of "unknown key".
+# Options that another option now sets: (that option, why), for a clear error instead of "unknown key".
 MOVED_KEYS = {
     "model.builder_kwargs.box_detections_per_img":
-        "eval.max_detections (one cap for the model's detections per image and COCO's maxDets)",
+        ("eval.max_detections", "one cap for the model's detections per image and COCOeval's maxDets"),
 }
 
 
@@ -310,8 +310,8 @@ def _merge(cls: type, data: Any, source: str, where: str, base: Any = None) -> A
     values = {} if base is None else {name: getattr(base, name) for name in fields}
     for key, value in data.items():
         if f"{where}{key}" in MOVED_KEYS:
-            replacement = MOVED_KEYS[f"{where}{key}"]
-            raise ValueError(f"{source}: '{where}{key}' is no longer an option: set {replacement} instead")
+            replacement, why = MOVED_KEYS[f"{where}{key}"]
+            raise ValueError(f"{source}: '{where}{key}' is no longer an option: set {replacement} instead ({why})")
         if key not in fields:
             raise ValueError(f"{source}: unknown key '{where}{key}'{_suggestion(cls, where, str(key))}")
         values[key] = _convert(hints[key], value, source, f"{where}{key}", values.get(key))

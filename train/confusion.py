@@ -15,33 +15,38 @@ intersection over the detection's own area at least the IoU threshold, as COCOev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from data_prep.class_list import ClassList
-
 IOU_THRESHOLD = 0.5
 
 
 def confusion_matrix(
-    records: Iterable[Mapping[str, Any]],
-    classes: ClassList,
+    ground_truth: dict,
+    detections: Sequence[dict],
     score_threshold: float,
     iou_threshold: float = IOU_THRESHOLD,
 ) -> np.ndarray:
-    """[K + 1, K + 1] counts over the evaluation records of train/evaluate.py (COCO xywh boxes, category ids);
-    index k is the class with label k + 1, index K is background."""
-    index_of = {category.category_id: index for index, category in enumerate(classes)}
+    """[K + 1, K + 1] counts of COCO `detections` (a results list) against a COCO `ground_truth` dict, as
+    train/evaluate.py scores them; index k is the k-th category in id order (COCOeval's), index K background."""
+    index_of = {category_id: index for index, category_id in
+                enumerate(sorted(int(c["id"]) for c in ground_truth["categories"]))}
     background = len(index_of)
+    annotations, found_by_image = defaultdict(list), defaultdict(list)
+    for annotation in ground_truth["annotations"]:
+        annotations[annotation["image_id"]].append(annotation)
+    for detection in detections:
+        if detection["score"] >= score_threshold:
+            found_by_image[detection["image_id"]].append(detection)
     matrix = np.zeros((background + 1, background + 1), dtype=np.int64)
-    for record in records:
-        truth = [a for a in record["ground_truth"] if not a["iscrowd"]]
-        crowds = [a for a in record["ground_truth"] if a["iscrowd"]]
-        found = [d for d in record["detections"] if d["score"] >= score_threshold]
+    for image in ground_truth["images"]:
+        truth = [a for a in annotations[image["id"]] if not a.get("iscrowd", 0)]
+        crowds = [a for a in annotations[image["id"]] if a.get("iscrowd", 0)]
+        found = found_by_image[image["id"]]
         matrix += image_confusion(
             _xyxy([a["bbox"] for a in truth]), np.array([index_of[a["category_id"]] for a in truth], dtype=np.int64),
             _xyxy([d["bbox"] for d in found]), np.array([index_of[d["category_id"]] for d in found], dtype=np.int64),

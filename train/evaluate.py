@@ -219,9 +219,16 @@ def _score_and_save(
         write_json_atomically(ground_truth_path(out_path), ground_truth)
     coco_eval = coco_evaluation(ground_truth, detections, max_detections, verbose)
     if plots is not None:
-        confusion = confusion_matrix(records, classes, plots.confusion_score)
-        write_eval_plots(plots, precision_recall(coco_eval, _class_names(coco_eval, ground_truth)), confusion)
+        plot_evaluation(ground_truth, detections, coco_eval, plots)
     return _metrics(coco_eval, ground_truth)
+
+
+def plot_evaluation(
+    ground_truth: dict, detections: list[dict], coco_eval: COCOeval, plots: EvalPlots
+) -> dict[str, Path]:
+    """Write the figures of an evaluation (`coco_eval`, accumulated, of `detections` against `ground_truth`)."""
+    confusion = confusion_matrix(ground_truth, detections, plots.confusion_score)
+    return write_eval_plots(plots, precision_recall(coco_eval, _class_names(coco_eval, ground_truth)), confusion)
 
 
 def ground_truth_path(out_path: Path) -> Path:

@@ -1,0 +1,53 @@
+"""Draw the figures of a saved evaluation (again): PR curves per class, the confusion matrix, AP per class.
+
+    python -m train.replot runs/demo_cpu/detections_test.json [--confusion-score 0.5] [--out DIR]
+
+Every evaluation saves its detections (a COCO results list) and, beside them, its ground truth (<stem>_gt.json).
+A test evaluation draws its figures itself (train/evaluate.py); this draws them from the files: for a validation
+evaluation, at another confusion score, or for detections saved before the figures existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from train.config import EvalConfig
+from train.eval_plots import EvalPlots
+from train.evaluate import coco_evaluation, ground_truth_path, plot_evaluation
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.replot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("detections", type=Path, help="detections_<split>.json written by an evaluation")
+    parser.add_argument("--out", type=Path, help="folder for the PNG files (default: the detections' folder)")
+    parser.add_argument("--tag", help="the files' suffix: <plot>_<tag>.png (default: the split, from the name)")
+    parser.add_argument("--confusion-score", type=float, default=EvalConfig.confusion_score,
+                        help="eval.confusion_score: the confusion matrix counts detections scoring at least this")
+    parser.add_argument("--max-detections", type=int, default=EvalConfig.max_detections,
+                        help="eval.max_detections: COCOeval counts at most this many per image")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    truth_path = ground_truth_path(args.detections)
+    try:
+        detections = json.loads(args.detections.read_text())
+        ground_truth = json.loads(truth_path.read_text())
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error.filename}: no such file (an evaluation writes both {args.detections.name} "
+                         f"and {truth_path.name})") from None
+    tag = args.tag or args.detections.stem.removeprefix("detections_")
+    plots = EvalPlots(args.out or args.detections.parent, tag, args.confusion_score)
+    coco_eval = coco_evaluation(ground_truth, detections, args.max_detections)
+    for path in plot_evaluation(ground_truth, detections, coco_eval, plots).values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
