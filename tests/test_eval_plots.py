@@ -8,10 +8,12 @@ import pytest
 from _evaluate_worker import CATEGORIES, TableDetector, as_batches, ground_truth_answers, local_strategy, make_samples
 from PIL import Image
 
+from train.config import load_config, save_config
 from train.confusion import confusion_matrix
 from train.eval_plots import PLOT_NAMES, EvalPlots, draw_pr_curves, write_eval_plots
 from train.evaluate import coco_evaluation, evaluate, ground_truth_path
 from train.pr_curves import curves_from_precision, precision_recall
+from train.replot import main as replot
 
 BACKGROUND = 3  # CATEGORIES has 3 classes: bottle (id 3), box (17), can (90)
 
@@ -129,3 +131,24 @@ def test_figures_of_classes_without_ground_truth_and_of_many_classes_draw(tmp_pa
     legend = draw_pr_curves(curves).axes[0].get_legend()
     assert [text.get_text() for text in legend.get_texts()][:2] == ["class 0 0.500", "class 1 0.500"]
     assert len(legend.get_texts()) == 21  # the 20 classes with ground truth and their mean
+
+
+def test_replot_draws_a_saved_evaluation_again_with_its_run_config(tmp_path, capsys):
+    samples = make_samples()
+    run_dir = tmp_path / "run"
+    evaluate(TableDetector(ground_truth_answers(samples, shift=3.0, score=0.9)), as_batches(samples, 2), CATEGORIES,
+             local_strategy(), "cpu", run_dir / "detections_test.json", plots=EvalPlots(run_dir, "test", 0.25))
+
+    assert replot([str(run_dir / "detections_test.json"), "--out", str(tmp_path / "again")]) == 0
+    for name in PLOT_NAMES:  # the same numbers drawn again: the same files
+        assert (tmp_path / "again" / f"{name}_test.png").read_bytes() == (run_dir / f"{name}_test.png").read_bytes()
+    assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / "again" / "pr_curves_test.png")
+
+    # the run's config.yaml sets the confusion score: at 0.95 the detections (0.9) are not counted
+    save_config(load_config(None, ["eval.confusion_score=0.95"]), run_dir / "config.yaml")
+    assert replot([str(run_dir / "detections_test.json"), "--out", str(tmp_path / "strict")]) == 0
+    strict, again = tmp_path / "strict", tmp_path / "again"
+    assert (strict / "pr_curves_test.png").read_bytes() == (again / "pr_curves_test.png").read_bytes()
+    assert (strict / "confusion_matrix_test.png").read_bytes() != (again / "confusion_matrix_test.png").read_bytes()
+    with pytest.raises(SystemExit, match="nowhere_gt.json|nowhere.json"):
+        replot([str(tmp_path / "nowhere.json")])

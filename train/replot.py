@@ -4,7 +4,8 @@
 
 Every evaluation saves its detections (a COCO results list) and, beside them, its ground truth (<stem>_gt.json).
 A test evaluation draws its figures itself (train/evaluate.py); this draws them from the files: for a validation
-evaluation, at another confusion score, or for detections saved before the figures existed.
+evaluation, at another confusion score, or for detections saved before the figures existed. The confusion score
+and the cap on detections per image default to those of the run's config.yaml beside the detections, if any.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import EvalConfig
+from train.config import EvalConfig, load_config
 from train.eval_plots import EvalPlots
 from train.evaluate import coco_evaluation, ground_truth_path, plot_evaluation
 
@@ -25,11 +26,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("detections", type=Path, help="detections_<split>.json written by an evaluation")
     parser.add_argument("--out", type=Path, help="folder for the PNG files (default: the detections' folder)")
     parser.add_argument("--tag", help="the files' suffix: <plot>_<tag>.png (default: the split, from the name)")
-    parser.add_argument("--confusion-score", type=float, default=EvalConfig.confusion_score,
+    parser.add_argument("--confusion-score", type=float,
                         help="eval.confusion_score: the confusion matrix counts detections scoring at least this")
-    parser.add_argument("--max-detections", type=int, default=EvalConfig.max_detections,
-                        help="eval.max_detections: COCOeval counts at most this many per image")
-    return parser.parse_args(argv)
+    parser.add_argument("--max-detections", type=int, help="eval.max_detections: COCOeval counts at most this many")
+    args = parser.parse_args(argv)
+    run_config = args.detections.parent / "config.yaml"
+    run_eval = load_config(run_config).eval if run_config.is_file() else EvalConfig()
+    args.confusion_score = run_eval.confusion_score if args.confusion_score is None else args.confusion_score
+    args.max_detections = run_eval.max_detections if args.max_detections is None else args.max_detections
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
