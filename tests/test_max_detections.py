@@ -41,6 +41,9 @@ def test_the_old_builder_argument_is_a_config_error_naming_the_new_option(tmp_pa
     saved = tmp_path / "saved.yaml"  # a saved config loads back: the key is not written any more
     save_config(load_config(None), saved)
     assert load_config(saved) == load_config(None)
+    # a config.yaml saved before the move holds the key as null (nothing set): it still loads
+    config_file.write_text("model:\n  builder_kwargs:\n    box_detections_per_img: null\n")
+    assert load_config(config_file) == load_config(None)
 
 
 def checkpoint_state(cfg):

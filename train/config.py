@@ -310,6 +310,8 @@ def _merge(cls: type, data: Any, source: str, where: str, base: Any = None) -> A
     values = {} if base is None else {name: getattr(base, name) for name in fields}
     for key, value in data.items():
         if f"{where}{key}" in MOVED_KEYS:
+            if value is None:  # as configs saved before the move hold it: nothing was set
+                continue
             replacement, why = MOVED_KEYS[f"{where}{key}"]
             raise ValueError(f"{source}: '{where}{key}' is no longer an option: set {replacement} instead ({why})")
         if key not in fields:

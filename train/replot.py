@@ -11,11 +11,14 @@ and the cap on detections per image default to those of the run's config.yaml be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from train.config import EvalConfig, load_config
+import yaml
+
+from train.config import EvalConfig
 from train.eval_plots import EvalPlots
 from train.evaluate import coco_evaluation, ground_truth_path, plot_evaluation
 
@@ -30,11 +33,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="eval.confusion_score: the confusion matrix counts detections scoring at least this")
     parser.add_argument("--max-detections", type=int, help="eval.max_detections: COCOeval counts at most this many")
     args = parser.parse_args(argv)
-    run_config = args.detections.parent / "config.yaml"
-    run_eval = load_config(run_config).eval if run_config.is_file() else EvalConfig()
+    run_eval = run_eval_options(args.detections.parent / "config.yaml")
     args.confusion_score = run_eval.confusion_score if args.confusion_score is None else args.confusion_score
     args.max_detections = run_eval.max_detections if args.max_detections is None else args.max_detections
     return args
+
+
+def run_eval_options(run_config: Path) -> EvalConfig:
+    """The `eval` section of a run's saved config; defaults for what it lacks, or without one. Only that section
+    is read, so that a run saved by an older version, with keys the schema has dropped since, still replots."""
+    saved = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+    section = (saved or {}).get("eval") or {}
+    known = {field.name for field in dataclasses.fields(EvalConfig)}
+    return EvalConfig(**{key: value for key, value in section.items() if key in known})
 
 
 def main(argv: list[str] | None = None) -> int:
