@@ -27,6 +27,11 @@ from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
 
 COMMAND_LINE = "command line"
+# Options that another option now sets: (that option, why), for a clear error instead of "unknown key".
+MOVED_KEYS = {
+    "model.builder_kwargs.box_detections_per_img":
+        ("eval.max_detections", "one cap for the model's detections per image and COCOeval's maxDets"),
+}
 
 
 def _rule(default: Any, **rules: Any) -> Any:
@@ -65,6 +70,7 @@ class BuilderKwargs:
     """Keyword arguments for the torchvision detector builder; None keeps the builder's own default.
 
     Most apply to the Faster R-CNN family only (train/model.py rejects one the chosen model does not take).
+    The cap on detections per image is not one of them: eval.max_detections sets it for every model.
     `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), which its
     builders do not take as an argument: train/model.py replaces the head instead.
     """
@@ -79,7 +85,6 @@ class BuilderKwargs:
     box_positive_fraction: float | None = _rule(None, min=0.0, max=1.0)
     box_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
     box_nms_thresh: float | None = _rule(None, min=0.0, max=1.0)
-    box_detections_per_img: int | None = _rule(None, min=1)
     representation_size: int | None = _rule(None, min=1)
 
     def given(self) -> dict[str, int | float]:
@@ -195,6 +200,13 @@ class EvalConfig:
     every_epochs: int = _rule(1, min=0)  # 0 = never during training
     test_at_end: bool = True
     score_threshold: float = _rule(0.0, min=0.0, max=1.0)
+    # Detections per image: the model keeps at most this many (box_detections_per_img of Faster R-CNN,
+    # detections_per_img of the others) and COCOeval counts as many (its largest maxDets; 1 and 10 stay for AR).
+    # Raise it for scenes with more objects than that: recall can never exceed max_detections / objects.
+    max_detections: int = _rule(100, min=1)
+    # The confusion matrix of a test evaluation counts detections scoring at least this (Ultralytics' 0.25): one
+    # operating point, where the PR curves show them all.
+    confusion_score: float = _rule(0.25, min=0.0, max=1.0)
 
 
 @dataclass
@@ -320,6 +332,11 @@ def _merge(cls: type, data: Any, source: str, where: str, base: Any = None) -> A
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {} if base is None else {name: getattr(base, name) for name in fields}
     for key, value in data.items():
+        if f"{where}{key}" in MOVED_KEYS:
+            if value is None:  # as configs saved before the move hold it: nothing was set
+                continue
+            replacement, why = MOVED_KEYS[f"{where}{key}"]
+            raise ValueError(f"{source}: '{where}{key}' is no longer an option: set {replacement} instead ({why})")
         if key not in fields:
             raise ValueError(f"{source}: unknown key '{where}{key}'{_suggestion(cls, where, str(key))}")
         values[key] = _convert(hints[key], value, source, f"{where}{key}", values.get(key))

@@ -75,7 +75,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     splits = read_splits(cfg)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, weights_report = build_model(cfg.model, classes.num_classes,
+    model, weights_report = build_model(cfg.model, classes.num_classes, max_detections=cfg.eval.max_detections,
                                         resize_in_training=not reader_sizes_training_images(cfg.data))
     validate_schedule(model, cfg.freeze.phases)
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
