@@ -1,6 +1,7 @@
 """A trained checkpoint as a detector ready for inference: built as it was trained, loaded strictly, with the
-score threshold and per-image cap applied inside the model; or, with backend "onnxruntime", a model exported by
-`python -m extract export` (extract/onnx_backend.py), which carries the same class list and test metrics."""
+score threshold and the per-image cap (by default the one it was tested with) applied inside the model; or, with
+backend "onnxruntime", a model exported by `python -m extract export` (extract/onnx_backend.py), which carries
+the same class list and test metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from data_prep.class_list import ClassList
 from extract.onnx_backend import load_onnx_model
 from train.checkpoint import checkpoint_classes, load_model_checkpoint
 from train.evaluate import per_class_metrics
-from train.model import model_from_checkpoint
+from train.model import model_from_checkpoint, set_max_detections, trained_max_detections
 
 
 @dataclass
@@ -23,25 +24,31 @@ class Detector:
     classes: ClassList  # what the model's labels mean
     test_map: float | None
     test_ap_per_class: dict[str, dict[str, float]]  # {} when the checkpoint records none
+    max_detections: int  # per image
 
 
 BACKENDS = ("torch", "onnxruntime")
 
 
-def load_detector(path: Path, score_threshold: float, max_detections: int, backend: str = "torch") -> Detector:
-    """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly; with
-    backend "onnxruntime", the exported model at `path` run by onnxruntime."""
+def load_detector(path: Path, score_threshold: float, max_detections: int | None = None,
+                  backend: str = "torch") -> Detector:
+    """The checkpoint's model, built as it was trained (name, sizes, BatchNorm kind) and loaded strictly; at most
+    `max_detections` per image, by default as many as it was trained and tested with (its eval.max_detections).
+    With backend "onnxruntime", the exported model at `path`, by default with the cap it was exported with."""
     if backend == "onnxruntime":
         model, metadata = load_onnx_model(path, score_threshold, max_detections)
         classes = ClassList.from_json(metadata["categories"], source=path)
         return Detector(model, metadata["architecture"], classes, stored_test_map(metadata),
-                        per_class_metrics(metadata["test_metrics"]))
+                        per_class_metrics(metadata["test_metrics"]), model.max_detections)
     state = load_model_checkpoint(path)
     model, model_cfg = model_from_checkpoint(state, path)
+    if max_detections is None:
+        max_detections = trained_max_detections(state)
     limit_detections(model, score_threshold, max_detections)
     test_ap_per_class = per_class_metrics(state.get("test_metrics") or {})
     classes = checkpoint_classes(state, path)
-    return Detector(model.eval(), model_cfg.name, classes, stored_test_map(state), test_ap_per_class)
+    return Detector(model.eval(), model_cfg.name, classes, stored_test_map(state), test_ap_per_class,
+                    max_detections)
 
 
 def stored_test_map(state: dict) -> float | None:
@@ -53,7 +60,7 @@ def stored_test_map(state: dict) -> float | None:
 
 def limit_detections(model: nn.Module, score_threshold: float, max_detections: int) -> None:
     """Apply the threshold and the per-image cap inside the model (Faster R-CNN keeps them on roi_heads,
-    RetinaNet/FCOS/SSD on the model itself), so it never returns its default 100 when more are wanted."""
-    owner = getattr(model, "roi_heads", model)
-    owner.score_thresh = score_threshold
-    owner.detections_per_img = max_detections
+    RetinaNet/FCOS/SSD on the model itself), so that it neither returns fewer than wanted nor spends time on
+    detections below the threshold."""
+    getattr(model, "roi_heads", model).score_thresh = score_threshold
+    set_max_detections(model, max_detections)

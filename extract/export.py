@@ -1,16 +1,16 @@
 """Export a trained checkpoint to ONNX for serving: the whole detector in one graph, with what serving needs to
 know in the file's metadata.
 
-    python -m extract export CHECKPOINT --out model.onnx [--max-detections 100]
+    python -m extract export CHECKPOINT --out model.onnx [--max-detections N]
 
 The graph takes what the PyTorch model takes in extraction (train/evaluate.py: predict): one RGB image as float32
 [3, H, W] in [0, 1], any H and W. Preprocessing stays inside it: torchvision's GeneralizedRCNNTransform (resize
 to the model's min_size/max_size, or SSD's fixed square, and normalise with its mean and std), and so does the
 postprocessing that maps boxes back to the input image's pixels. A second input, `score_threshold` (float32
 scalar), is the model's own score threshold (roi_heads.score_thresh, or the model's for RetinaNet/FCOS/SSD): a
-serving threshold applies inside the model as in PyTorch. The per-image cap (`--max-detections`) is fixed in the
-graph. Outputs: `boxes` float32 [N, 4] (x1, y1, x2, y2 in input pixels), `labels` int64 [N] (ClassList labels),
-`scores` float32 [N], best first.
+serving threshold applies inside the model as in PyTorch. The per-image cap (`--max-detections`, by default the
+checkpoint's eval.max_detections) is fixed in the graph. Outputs: `boxes` float32 [N, 4] (x1, y1, x2, y2 in
+input pixels), `labels` int64 [N] (ClassList labels), `scores` float32 [N], best first.
 
 Why the legacy (TorchScript-based) exporter, `dynamo=False`: torch.export, under the default dynamo exporter,
 stops at torchvision's batched NMS (`GuardOnDataDependentSymNode` on `boxes.numel() == 0` in
@@ -36,7 +36,7 @@ from common.atomic_io import write_atomically
 from extract.database import file_sha256
 from extract.onnx_backend import INPUT_NAMES, OUTPUT_NAMES, read_serving_metadata, require
 from train.checkpoint import checkpoint_classes, load_model_checkpoint
-from train.model import model_from_checkpoint
+from train.model import model_from_checkpoint, set_max_detections, trained_max_detections
 
 OPSET_VERSION = 17  # onnxruntime >= 1.12 runs it; torch 2.11 to 2.14's legacy exporter writes it
 EXAMPLE_IMAGE_SIZE = (3, 128, 128)  # any size: the graph resizes as the model does, and H, W stay free
@@ -85,14 +85,17 @@ def serving_metadata(state: Mapping, checkpoint: Path, model: nn.Module, archite
     }
 
 
-def export_onnx(checkpoint: Path, out: Path, max_detections: int) -> dict[str, str]:
+def export_onnx(checkpoint: Path, out: Path, max_detections: int | None = None) -> dict[str, str]:
     """Export `checkpoint` to `out` atomically: the file appears only once onnx's checker, onnxruntime and a
-    read-back of the metadata accept it. Returns the metadata written."""
+    read-back of the metadata accept it. At most `max_detections` per image, by default as many as the model was
+    tested with (its eval.max_detections). Returns the metadata written."""
     onnx = require("onnx", "export")
     require("onnxruntime", "export")  # the export is checked by loading it, before it is published
     state = load_model_checkpoint(checkpoint)
     model, model_cfg = model_from_checkpoint(state, checkpoint)
-    getattr(model, "roi_heads", model).detections_per_img = max_detections
+    if max_detections is None:
+        max_detections = trained_max_detections(state)
+    set_max_detections(model, max_detections)
     metadata = serving_metadata(state, checkpoint, model, model_cfg.name, max_detections)
     proto = onnx.load_from_string(_traced_onnx(ServingModel(model.eval())))
     for key, value in metadata.items():
@@ -132,10 +135,11 @@ def parse_export_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train/main.py (best.pt, ...)")
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--max-detections", type=int, default=100,
-                        help="per image, fixed in the graph: extraction may ask for fewer, not more")
+    parser.add_argument("--max-detections", type=int, default=None,
+                        help="per image, fixed in the graph: extraction may ask for fewer, not more (default: the "
+                        "checkpoint's eval.max_detections, as it was tested)")
     args = parser.parse_args(argv)
-    if args.max_detections < 1:
+    if args.max_detections is not None and args.max_detections < 1:
         parser.error("--max-detections must be >= 1")
     return args
 

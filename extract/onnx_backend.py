@@ -64,10 +64,11 @@ class OnnxRuntimeModel(nn.Module):
     """The exported graph behind the PyTorch detector's inference call: a list of float32 [3, H, W] images in,
     a list of {"boxes", "labels", "scores"} out. Runs on the CPU: inputs on another device are copied back."""
 
-    def __init__(self, session, score_threshold: float):
+    def __init__(self, session, score_threshold: float, max_detections: int):
         super().__init__()
         self.session = session
         self.score_threshold = np.array(score_threshold, dtype=np.float32)
+        self.max_detections = max_detections  # the graph's own cap: extraction may keep fewer
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         outputs = []
@@ -78,16 +79,20 @@ class OnnxRuntimeModel(nn.Module):
         return outputs
 
 
-def load_onnx_model(path: Path, score_threshold: float, max_detections: int) -> tuple[OnnxRuntimeModel, dict]:
-    """The exported model at `path` and its metadata, with `test_metrics` and `categories` decoded from JSON.
-    Asking for more detections per image than the graph keeps is an error rather than silently fewer."""
+def load_onnx_model(path: Path, score_threshold: float,
+                    max_detections: int | None = None) -> tuple[OnnxRuntimeModel, dict]:
+    """The exported model at `path` and its metadata, with `test_metrics` and `categories` decoded from JSON;
+    at most `max_detections` per image, by default the cap it was exported with. Asking for more than the graph
+    keeps is an error rather than silently fewer."""
     session = open_session(path)
     metadata = read_serving_metadata(path, session)
     exported_cap = int(metadata["max_detections"])
+    if max_detections is None:
+        max_detections = exported_cap
     if max_detections > exported_cap:
         raise ValueError(f"--max-detections {max_detections}: {path} was exported with at most {exported_cap} "
                          f"detections per image; export again with --max-detections {max_detections}")
     decoded = {**metadata, "categories": json.loads(metadata["categories"]),
                "test_metrics": {key: float("nan") if value is None else value
                                 for key, value in json.loads(metadata["test_metrics"]).items()}}
-    return OnnxRuntimeModel(session, score_threshold), decoded
+    return OnnxRuntimeModel(session, score_threshold, max_detections), decoded
