@@ -80,12 +80,14 @@ def main() -> None:
         (torch_s, onnx_s), (torch_out, onnx_out) = per_image_seconds(models, images)
         size_mb = exported.stat().st_size / 1e6
     first = args.compare
-    score_diff = max(float((a["scores"][:first] - b["scores"][:first]).abs().max())
-                     for a, b in zip(torch_out, onnx_out, strict=True) if len(a["scores"]) and len(b["scores"]))
+    diffs = (float((a["scores"][:first] - b["scores"][:first]).abs().max())
+             for a, b in zip(torch_out, onnx_out, strict=True) if len(a["scores"]) and len(b["scores"]))
+    score_diff = max(diffs, default=None)  # None: no image had detections from both
     result = {"model": args.model, "min_size": args.min_size, "max_size": args.max_size,
               "image": f"{args.image_size}x{args.image_size * 3 // 4}", "export_s": round(export_seconds, 1),
               "onnx_mb": round(size_mb, 1), "torch_s_per_image": round(torch_s, 3),
               "onnxruntime_s_per_image": round(onnx_s, 3), "max_score_diff_first": score_diff,
+              "detections": [sum(len(out["scores"]) for out in outs) for outs in (torch_out, onnx_out)],
               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor()}
     print(result)
     append_result(args.out, result)
