@@ -26,6 +26,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -115,7 +116,13 @@ def _traced_onnx(serving: ServingModel) -> bytes:
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(EXAMPLE_IMAGE_SIZE, generator=generator)
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter and torchvision's scripting under it are chosen knowingly (module docstring); its
+        # traced shape arithmetic warns by the dozen; its index tensors come from nonzero/topk, never negative.
+        for message in ("You are using the legacy TorchScript-based ONNX export", "`torch.jit.script` is deprecated",
+                        "To copy construct from a tensor", "Exporting aten::index operator of advanced indexing"):
+            warnings.filterwarnings("ignore", message=message)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             serving, (example, torch.tensor(0.0)), buffer, dynamo=False, opset_version=OPSET_VERSION,
             input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), do_constant_folding=True,
