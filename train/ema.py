@@ -8,8 +8,12 @@ per micro-batch, never on a skipped non-finite step). Its decay warms up as in U
 converges to its full horizon after a few tau optimizer steps. Integer buffers (BatchNorm's
 num_batches_tracked) are copied, not averaged.
 
-Under DDP every rank averages the same synchronised weights the same way, so the averages agree without any
-collective; the run checkpoint's replica check confirms it.
+Under DDP the parameters are the same on every rank after each step, so every rank's average of them agrees
+without any collective. BatchNorm's running statistics are not: each rank updates its own in the forward pass
+(DDP broadcasts rank 0's again at the next one), so their averages drift apart. They are made rank 0's on every
+rank (`share_rank0_buffers`) where they are read, before each evaluation and checkpoint, never per step; rank 0's
+average, the one saved, never takes anything from the others, so resume stays bitwise. The run checkpoint's
+replica check confirms that the averages agree.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from train.strategy import Strategy
+
 
 class ModelEma:
     """fp32 moving average of `model`'s state dict, starting from its current weights."""
@@ -27,6 +33,8 @@ class ModelEma:
         self.decay, self.tau = decay, tau
         self.updates = 0
         self.weights = {name: _fp32_copy(value) for name, value in model.state_dict().items()}
+        buffer_names = {name for name, _ in model.named_buffers()}
+        self._buffers = [value for name, value in self.weights.items() if name in buffer_names]
 
     def decay_at(self, updates: int) -> float:
         """The decay of update number `updates` (from 1); tau 0 means no warm-up."""
@@ -49,6 +57,10 @@ class ModelEma:
                 average.copy_(current[name])
         # one fused kernel per device and dtype instead of one per tensor, as torch's optimizers do
         torch._foreach_lerp_(averages, values, 1.0 - self.decay_at(self.updates))
+
+    def share_rank0_buffers(self, strategy: Strategy) -> None:
+        """Collective: rank 0's averaged buffers on every rank (see the module's docstring)."""
+        strategy.broadcast_tensors(self._buffers)
 
     @torch.no_grad()
     def restart_from(self, model: nn.Module) -> None:

@@ -267,6 +267,7 @@ class Trainer:
         detections_<split><detections_suffix>.json."""
         at = at or self.progress
         if weights is None and self.ema is not None:
+            self.ema.share_rank0_buffers(self.strategy)  # every rank evaluates the same average
             weights = self.ema.weights
         loader = split_loader(shards, self.cfg.data, self.strategy, training=False, classes=self.classes)
         with self._weights_loaded(weights):

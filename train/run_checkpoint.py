@@ -98,6 +98,8 @@ class RunCheckpointer:
     def gather_state(self, progress: Progress, test_metrics: dict[str, float] | None = None) -> dict:
         """Collective: the checkpoint dict (on every rank; only rank 0 writes it)."""
         rng_states = self.strategy.all_gather_object(capture_rng_state())
+        if self.ema is not None:
+            self.ema.share_rank0_buffers(self.strategy)
         replica_hashes = check_replicas_identical(self.model, self.strategy, self.ema)
         trained = self.model.state_dict()
         return {
