@@ -286,11 +286,11 @@ class Trainer:
         """Evaluate the test split and record the metrics in the checkpoint of the weights they measure.
 
         The final checkpoint (written again now, at the last step) gets the test metrics of its deployable
-        weights (the EMA's with train.ema_decay). best.pt,
-        when validation in this run wrote one, gets the test metrics of best.pt's weights: when no optimizer step
-        came after it (the last validation was the best) those are the final weights and the metrics are reused;
-        otherwise its weights are evaluated too, logged as a test evaluation at best.pt's step, with detections
-        in detections_<split>_best.json. Extraction reads either file's test_metrics["AP"] as the model's test AP.
+        weights (the EMA's with train.ema_decay). best.pt, when validation in this run wrote one, gets the test
+        metrics of best.pt's weights: when no optimizer step came after it (the last validation was the best)
+        those are the final weights and the metrics are reused; otherwise its weights are evaluated too, logged as
+        a test evaluation at best.pt's step, with detections in detections_<split>_best.json. Extraction reads
+        either file's test_metrics["AP"] as the model's test AP.
         """
         split, shards = self.cfg.data.test_split, self.splits.test
         final_metrics = self.evaluate(split, shards)
