@@ -3,8 +3,8 @@
 Each image is a textured background with 1 to 6 products drawn as recognisable, lightly shaded shapes in
 several colours and sizes, some overlapping or cut by the image border. A product's main colour (body, box
 front, shoe upper) is one of the palette's (common/colour_palette.py), and its annotation records that colour's
-name as {"attributes": {"colour": NAME}}; caps, labels, bands and soles take other colours. Every image is rendered from its
-own random generator seeded by (seed, image index), so the output is byte-identical for a given seed
+name as {"attributes": {"colour": NAME}}; caps, labels, bands and soles take other colours. Every image is
+rendered from its own random generator seeded by (seed, image index), so the output is byte-identical for a given seed
 whatever the worker count (given the same numpy and Pillow builds). Boxes are the tight box of each
 object's drawn pixels, clipped to the image; an occluded object keeps its full-object box, as in COCO,
 and placement never hides more than half of an object. There are no segmentation masks: `area` is the
