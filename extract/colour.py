@@ -7,8 +7,9 @@ A detection's box holds the object and some background. For each box, all boxes 
 2. its pixels go to CIELAB (D65), where Euclidean distance follows perceived colour difference;
 3. a few k-means iterations split them into CLUSTERS colours, seeded with the mean of the crop's centre (the
    object), the mean of its border (the background) and then the pixels farthest from the seeds so far;
-4. a cluster is background when it is more common on the crop's border ring than in its centre: a tight box
-   touches its object at a few points of each side, while what surrounds the object fills its corners;
+4. a cluster is background when its share of the crop's border ring is over BACKGROUND_RATIO times its share
+   of the crop's centre square: a tight box touches its object along parts of its sides, while what
+   surrounds the object fills its corners and stays out of its centre;
 5. each object cluster is named by its centre's nearest palette anchor; clusters of one name add up (a lit
    and a shaded side of a red can are both red), and the name covering most object pixels is the colour,
    with `share`: the fraction of the object's pixels it covers.
@@ -22,11 +23,12 @@ object is named by its largest stripe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from common.colour_palette import COLOUR_NAMES, PALETTE
+from extract.database import Detection, DetectionAttribute
 
 GRID = 32  # cells per side of the resampled crop
 CLUSTERS = 4
@@ -141,3 +143,15 @@ def dominant_colours(image: torch.Tensor, boxes: torch.Tensor) -> list[ColourSha
     best_share, best_name = shares.max(dim=1)
     return [ColourShare(COLOUR_NAMES[name], share) for name, share in zip(best_name.tolist(), best_share.tolist(),
                                                                            strict=True)]
+
+
+def add_colours(image: torch.Tensor, detections: list[Detection]) -> list[Detection]:
+    """The detections, each with its colour attribute (kind "colour", palette name, share of the object), from
+    the image they were found in (uint8 [3, H, W], the pixels their boxes refer to)."""
+    if not detections:
+        return detections
+    boxes = torch.tensor([detection.box for detection in detections], dtype=torch.float32)
+    colours = dominant_colours(image, boxes)
+    return [replace(detection, attributes=(*detection.attributes,
+                                           DetectionAttribute("colour", colour.name, colour.share)))
+            for detection, colour in zip(detections, colours, strict=True)]
