@@ -30,10 +30,10 @@ import torch
 from common.colour_palette import COLOUR_NAMES, PALETTE
 from extract.database import Detection, DetectionAttribute
 
-GRID = 32  # cells per side of the resampled crop
+GRID = 16  # lattice points per side of a box
 CLUSTERS = 4
-ITERATIONS = 8
-BORDER = 2  # cells: the border ring's width
+ITERATIONS = 5
+BORDER = 1  # lattice rows: the border ring's width
 # a cluster is background when its share of the border ring is over this many times its share of the centre
 BACKGROUND_RATIO = 2.0
 CENTRE = (GRID // 4, GRID - GRID // 4)  # the centre square's rows and columns
@@ -84,9 +84,10 @@ BORDER_MASK, CENTRE_MASK = _ring_masks()
 
 
 def _squared_distances(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """[..., P, K] squared distances of points [..., P, 3] to centres [..., K, 3] (cdist's matrix products are
-    slower than this at three dimensions and a handful of centres)."""
-    return (points.unsqueeze(-2) - centres.unsqueeze(-3)).square().sum(-1)
+    """[..., P, K] squared distances of points [..., P, 3] to centres [..., K, 3], as |p|^2 - 2 p.c + |c|^2:
+    one matrix product, no [..., P, K, 3] intermediate."""
+    cross = points @ centres.transpose(-1, -2)
+    return points.square().sum(-1, keepdim=True) - 2 * cross + centres.square().sum(-1).unsqueeze(-2)
 
 
 def _seed_centres(pixels: torch.Tensor) -> torch.Tensor:
@@ -99,17 +100,22 @@ def _seed_centres(pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(centres, 1)
 
 
+def _nearest(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[N, P, K] one-hot of each pixel's nearest centre (|p|^2 is left out: it does not change which)."""
+    distances = centres.square().sum(-1).unsqueeze(1) - 2 * pixels @ centres.transpose(1, 2)
+    return (distances.argmin(dim=2, keepdim=True) == torch.arange(CLUSTERS, device=pixels.device)).to(pixels.dtype)
+
+
 def kmeans(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cluster of each pixel [N, P], centres [N, CLUSTERS, 3]) of a batch of crops' pixels [N, P, 3]."""
+    """(one-hot cluster of each pixel [N, P, CLUSTERS], centres [N, CLUSTERS, 3]) of crops' pixels [N, P, 3]."""
     centres = _seed_centres(pixels)
     for _ in range(ITERATIONS):
-        assignment = _squared_distances(pixels, centres).argmin(dim=2)
-        one_hot = torch.nn.functional.one_hot(assignment, CLUSTERS).to(pixels.dtype)  # [N, P, K]
+        one_hot = _nearest(pixels, centres)
         counts = one_hot.sum(1)  # [N, K]
         sums = one_hot.transpose(1, 2) @ pixels  # [N, K, 3]
         # an empty cluster keeps its centre rather than collapse to zero
         centres = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centres)
-    return _squared_distances(pixels, centres).argmin(dim=2), centres
+    return _nearest(pixels, centres), centres
 
 
 def sample_boxes(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -128,8 +134,7 @@ def dominant_colours(image: torch.Tensor, boxes: torch.Tensor) -> list[ColourSha
     if len(boxes) == 0:
         return []
     pixels = srgb_to_lab(sample_boxes(image, boxes.to(image.device, torch.float32)))  # [N, P, 3]
-    assignment, centres = kmeans(pixels)
-    one_hot = torch.nn.functional.one_hot(assignment, CLUSTERS).float()  # [N, P, K]
+    one_hot, centres = kmeans(pixels)  # [N, P, K], [N, K, 3]
     on_border = one_hot[:, BORDER_MASK].mean(1)  # [N, K]: fraction of the border ring in each cluster
     in_centre = one_hot[:, CENTRE_MASK].mean(1)
     is_object = on_border <= BACKGROUND_RATIO * in_centre
@@ -145,13 +150,15 @@ def dominant_colours(image: torch.Tensor, boxes: torch.Tensor) -> list[ColourSha
                                                                            strict=True)]
 
 
-def add_colours(image: torch.Tensor, detections: list[Detection]) -> list[Detection]:
+def add_colours(image: torch.Tensor, detections: list[Detection], device: torch.device | None = None
+                ) -> list[Detection]:
     """The detections, each with its colour attribute (kind "colour", palette name, share of the object), from
-    the image they were found in (uint8 [3, H, W], the pixels their boxes refer to)."""
+    the image they were found in (uint8 [3, H, W], the pixels their boxes refer to), computed on `device` (the
+    model's: on a GPU the few dozen small operations cost launches, not time, whatever the number of boxes)."""
     if not detections:
         return detections
     boxes = torch.tensor([detection.box for detection in detections], dtype=torch.float32)
-    colours = dominant_colours(image, boxes)
+    colours = dominant_colours(image.to(device), boxes)
     return [replace(detection, attributes=(*detection.attributes,
                                            DetectionAttribute("colour", colour.name, colour.share)))
             for detection, colour in zip(detections, colours, strict=True)]

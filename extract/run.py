@@ -65,7 +65,7 @@ def rank_steps(detector: Detector, batches: Iterable[list[Loaded]], done: set[st
         for item, output in zip(wanted, outputs, strict=True):
             detections = to_detections(output, detector.classes, options)
             if options.colour:
-                detections = add_colours(item.image, detections)
+                detections = add_colours(item.image, detections, device)
             if item.sha256 not in done:
                 height, width = item.image.shape[-2:]
                 result.extractions.append(ImageExtraction(item.source, item.sha256, int(width), int(height),

@@ -1,0 +1,111 @@
+"""What naming colours adds to extraction: the extraction step with and without colour, side by side.
+
+    python bench/colour_overhead.py --images 64 --detections 2 10 100 --repeats 5
+
+Times extract/run.py's per-batch work (`rank_steps`: the forward pass, the detections, and with colour
+extract/colour.py's `add_colours`) over synthetic images decoded in memory (no file reads, no database),
+for the main job's detector (configs/demo_cpu.yaml: MobileNet-v3 FPN at 256-320 px, the model that makes
+colour's share the largest, being the cheapest) with random weights. The score threshold is 0 and the per-image
+cap is each --detections value, so every image has exactly that many detections (the main job's detector
+keeps about 2 per image at its threshold of 0.5; 100 is extraction's default cap). Runs with and without
+colour alternate, so machine load hits both alike; each figure is the median of --repeats passes.
+Prints a markdown table and appends the result as one JSON line to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torchvision.io import read_image  # noqa: E402
+
+from bench.results import append_result  # noqa: E402
+from data_prep.class_list import ClassList  # noqa: E402
+from data_prep.synth import CATEGORIES, write_synthetic_coco  # noqa: E402
+from extract.detector import Detector, limit_detections  # noqa: E402
+from extract.inputs import Loaded  # noqa: E402
+from extract.run import RunOptions, rank_steps  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.model import build_model  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="extraction's default")
+    parser.add_argument("--detections", type=int, nargs="+", default=[2, 10, 100], help="per image")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a torchrun worker has 1)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo_cpu.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench_results" / "colour_overhead.jsonl")
+    return parser.parse_args(argv)
+
+
+def synthetic_images(count: int, size: int) -> list[Loaded]:
+    with tempfile.TemporaryDirectory(prefix="colour_overhead_") as root:
+        write_synthetic_coco(root, num_images=count, image_size=size, seed=0)
+        files = sorted(Path(root, "images").glob("*.jpg"))
+        return [Loaded(index, file.name, read_image(str(file)), sha256=f"{index:064d}")
+                for index, file in enumerate(files)]
+
+
+def seconds_per_image(detector: Detector, images: list[Loaded], batch_size: int, colour: bool,
+                      detections: int) -> float:
+    options = RunOptions(score_threshold=0.0, max_detections=detections, annotate_limit=0,
+                         annotate_dir=Path("unused"), amp_dtype=None, colour=colour)
+    batches = [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
+    start = time.perf_counter()
+    found = sum(len(extraction.detections) for step in
+                rank_steps(detector, batches, set(), torch.device("cpu"), options) for extraction in step.extractions)
+    elapsed = time.perf_counter() - start
+    if found != detections * len(images):
+        raise SystemExit(f"expected {detections} detections per image, got {found / len(images):.1f}")
+    return elapsed / len(images)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, [])
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, len(CATEGORIES) + 1)
+    classes = ClassList.from_names({category["id"]: category["name"] for category in CATEGORIES})
+    detector = Detector(model.eval(), cfg.model.name, classes, None, {})
+    images = synthetic_images(args.images, args.image_size)
+    rows = []
+    print("| detections per image | without colour (ms/image) | with colour (ms/image) | added |")
+    print("|---|---|---|---|")
+    for detections in args.detections:
+        limit_detections(model, 0.0, detections)
+        seconds_per_image(detector, images[: args.batch_size], args.batch_size, True, detections)  # warm-up
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for colour in (False, True):
+                times[colour].append(seconds_per_image(detector, images, args.batch_size, colour, detections))
+        without, with_colour = (1000 * statistics.median(times[flag]) for flag in (False, True))
+        rows.append({"detections": detections, "ms_without": without, "ms_with": with_colour,
+                     "added": with_colour / without - 1, "all_ms": {str(k): v for k, v in times.items()}})
+        print(f"| {detections} | {without:.1f} | {with_colour:.1f} | {100 * (with_colour / without - 1):+.1f}% |")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    append_result(args.out, {
+        "bench": "colour_overhead", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip(), "machine": platform.machine(), "model": cfg.model.name,
+        "arguments": {key: str(value) for key, value in vars(args).items()}, "rows": rows,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
