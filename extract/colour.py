@@ -96,7 +96,7 @@ def _seed_centres(pixels: torch.Tensor) -> torch.Tensor:
     for _ in range(CLUSTERS - 2):
         nearest = _squared_distances(pixels, torch.stack(centres, 1)).min(dim=2).values  # [N, P]
         farthest = nearest.argmax(dim=1)
-        centres.append(pixels[torch.arange(len(pixels)), farthest])
+        centres.append(pixels[torch.arange(len(pixels), device=pixels.device), farthest])
     return torch.stack(centres, 1)
 
 
