@@ -30,7 +30,7 @@ import torch
 from common.colour_palette import COLOUR_NAMES, PALETTE
 from extract.database import Detection, DetectionAttribute
 
-GRID = 16  # lattice points per side of a box
+GRID = 12  # lattice points per side of a box
 CLUSTERS = 4
 ITERATIONS = 5
 BORDER = 1  # lattice rows: the border ring's width

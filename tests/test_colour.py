@@ -56,11 +56,16 @@ def test_share_is_the_dominant_colours_fraction_of_the_object():
     image = canvas(120, 120, WHITE)
     paint(image, slice(20, 100), slice(30, 90), RED)  # an object of 80 x 60 ...
     paint(image, slice(60, 80), slice(30, 90), BLUE)  # ... with a blue band over a quarter of it
-    [(name, share)] = names(image, [[10, 10, 110, 110]])
-    assert name == "red" and share == pytest.approx(0.75, abs=0.05)
+    # shares are counted on the box's lattice (GRID points a side): this box puts lattice rows 10 px apart,
+    # so the object's edges and the band's fall between rows and the counts are exact
+    [(name, share)] = names(image, [[0, 0, 120, 120]])
+    assert name == "red" and share == pytest.approx(0.75, abs=0.01)
     paint(image, slice(20, 60), slice(30, 90), BLUE)  # now three quarters blue
-    [(name, share)] = names(image, [[10, 10, 110, 110]])
-    assert name == "blue" and share == pytest.approx(0.75, abs=0.05)
+    [(name, share)] = names(image, [[0, 0, 120, 120]])
+    assert name == "blue" and share == pytest.approx(0.75, abs=0.01)
+    # any other box: within about one lattice row of the object
+    [(name, share)] = names(image, [[7, 13, 111, 109]])
+    assert name == "blue" and share == pytest.approx(0.75, abs=0.1)
 
 
 def test_a_shaded_object_on_a_textured_background_keeps_its_name():
