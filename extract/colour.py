@@ -4,16 +4,16 @@ A detection's box holds the object and some background. For each box, all boxes 
 1. the box is sampled on a GRID x GRID lattice of its pixels (nearest pixel, no interpolation: blending the
    object's edge with the background would make colours that are in neither), so the cost does not grow
    with the box's size and every box is one slice of a single tensor;
-2. its pixels go to CIELAB (D65), where Euclidean distance follows perceived colour difference;
-3. a few k-means iterations split them into CLUSTERS colours, seeded with the mean of the crop's centre (the
-   object), the mean of its border (the background) and then the pixels farthest from the seeds so far;
-4. a cluster is background when its share of the crop's border ring is over BACKGROUND_RATIO times its share
-   of the crop's centre square: a tight box touches its object along parts of its sides, while what
+2. the samples go to CIELAB (D65), where Euclidean distance follows perceived colour difference;
+3. a few k-means iterations split them into CLUSTERS colours, seeded with the mean of the lattice's centre
+   (the object), the mean of its border (the background) and then the samples farthest from the seeds so far;
+4. a cluster is background when its share of the lattice's border ring is over BACKGROUND_RATIO times its
+   share of the centre square: a tight box touches its object along parts of its sides, while what
    surrounds the object fills its corners and stays out of its centre;
 5. each object cluster is named by its centre's nearest palette anchor; clusters of one name add up (a lit
    and a shaded side of a red can are both red), and the name covering most object pixels is the colour,
    with `share`: the fraction of the object's pixels it covers.
-Nothing loops over pixels in Python; the only loop is over the k-means iterations.
+Nothing loops over pixels or boxes in Python; the only loops are over the k-means iterations and seeds.
 
 What it cannot do: an object that fills its box completely and has the background's colour cannot be told
 from it (then nothing is background and the whole box is the object); an object overlapping another in its
@@ -92,7 +92,7 @@ def _squared_distances(points: torch.Tensor, centres: torch.Tensor) -> torch.Ten
 
 def _seed_centres(pixels: torch.Tensor) -> torch.Tensor:
     """[N, CLUSTERS, 3] first centres: centre mean, border mean, then farthest-point picks."""
-    centres = [pixels[:, CENTRE_MASK].mean(1), pixels[:, BORDER_MASK].mean(1)]
+    centres = [pixels[:, CENTRE_MASK.to(pixels.device)].mean(1), pixels[:, BORDER_MASK.to(pixels.device)].mean(1)]
     for _ in range(CLUSTERS - 2):
         nearest = _squared_distances(pixels, torch.stack(centres, 1)).min(dim=2).values  # [N, P]
         farthest = nearest.argmax(dim=1)
@@ -135,8 +135,8 @@ def dominant_colours(image: torch.Tensor, boxes: torch.Tensor) -> list[ColourSha
         return []
     pixels = srgb_to_lab(sample_boxes(image, boxes.to(image.device, torch.float32)))  # [N, P, 3]
     one_hot, centres = kmeans(pixels)  # [N, P, K], [N, K, 3]
-    on_border = one_hot[:, BORDER_MASK].mean(1)  # [N, K]: fraction of the border ring in each cluster
-    in_centre = one_hot[:, CENTRE_MASK].mean(1)
+    on_border = one_hot[:, BORDER_MASK.to(pixels.device)].mean(1)  # [N, K]: the border ring's fractions
+    in_centre = one_hot[:, CENTRE_MASK.to(pixels.device)].mean(1)
     is_object = on_border <= BACKGROUND_RATIO * in_centre
     # a box with no object cluster (the object is its whole box, in the background's colours): all of it
     is_object |= ~is_object.any(dim=1, keepdim=True)
