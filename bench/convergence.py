@@ -5,10 +5,10 @@ same images, for several seeds; COCO AP and AP50 on a held-out split, per seed, 
 
 - The model (name, sizes, builder_kwargs, BatchNorm kind) and the recipe (the `optim` section: SGD or AdamW,
   learning rate, weight decay, linear warm-up, then a constant or cosine rate; horizontal flips with
-  `data.hflip_prob`) come from --config. Both loops build the model with train.model.build_model after
-  torch.manual_seed(seed), so a seed gives both the same initial weights. Freezing phases are left out (the
-  reference has none); both train --batch-size images per step on one process, in float32 (no autocast, the
-  default memory format).
+  `data.hflip_prob`) come from --config; `data.augment` reaches ours only (the reference keeps its "hflip"
+  preset). Both loops build the model with train.model.build_model after torch.manual_seed(seed), so a seed
+  gives both the same initial weights. Freezing phases are left out (the reference has none); both train
+  --batch-size images per step on one process, in float32 (no autocast, the default memory format).
 - ours: train/main.py (strategy single) on data_prep shards, evaluated by train.evaluate on the val split.
 - reference: references/detection's dataset, transform and step (bench/gpu_train.py has them) with
   RandomSampler + BatchSampler(drop_last), evaluated as references/detection evaluates: one image at a time

@@ -61,7 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
     parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--max-detections", type=int, default=100, help="per image")
+    parser.add_argument("--max-detections", type=int, default=None,
+                        help="per image (default: the checkpoint's eval.max_detections, as it was tested)")
     parser.add_argument("--annotate", type=parse_annotate, default=4,
                         help="draw boxes on the first N images, or 'all' (default 4)")
     parser.add_argument("--annotate-dir", type=Path, default=Path("annotated"))
@@ -73,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.manifest is not None and args.split is None:
         parser.error("--manifest needs --split")
-    if args.batch_size < 1 or args.max_detections < 1 or args.num_workers < 0:
+    if args.batch_size < 1 or (args.max_detections is not None and args.max_detections < 1) or args.num_workers < 0:
         parser.error("--batch-size and --max-detections must be >= 1, --num-workers >= 0")
     return args
 

@@ -127,7 +127,7 @@ def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | No
     done = strategy.broadcast_object(done)
     if args.annotate != 0:
         args.annotate_dir.mkdir(parents=True, exist_ok=True)
-    options = RunOptions(args.score_threshold, args.max_detections, args.annotate, args.annotate_dir,
+    options = RunOptions(args.score_threshold, detector.max_detections, args.annotate, args.annotate_dir,
                          resolve_amp(args.amp, strategy.device), colour=args.colour)
 
     inputs = _input_kwargs(args)
@@ -146,7 +146,7 @@ def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | No
                 hook = _crash if step_number == crash_at else None
                 for step in gathered:
                     written = db.write_batch(model_id, step.extractions, step.skipped, args.score_threshold,
-                                             args.max_detections, before_commit=hook)
+                                             options.max_detections, before_commit=hook)
                     summary.add(step, written)
                     bar.update(step.images)
     finally:

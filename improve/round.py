@@ -8,8 +8,8 @@
 What happens, in order:
 1. The config is resolved: the YAML (default configs/finetune_heads.yaml: backbone body frozen, FPN and heads
    train), then the base model's architecture and input size (model.name, model.min_size, model.max_size from
-   the base checkpoint's config, the eps of its FrozenBatchNorm2d layers and its model.builder_kwargs), then the
-   command-line overrides.
+   the base checkpoint's config, the eps of its FrozenBatchNorm2d layers, its model.builder_kwargs and its
+   eval.max_detections), then the command-line overrides.
    data.manifest, model.weights and run_dir are this command's to set.
 2. The class list grows to the union of the base model's classes and the new data's (labels 1..K in order of
    category id). The data sets become one manifest under RUN_DIR/data (data_prep/data_union.py); when the class
@@ -60,7 +60,13 @@ from train.checkpoint import (
 )
 from train.config import Config, config_to_dict, load_config
 from train.evaluate import evaluate, per_class_metrics
-from train.model import build_model, model_from_checkpoint, trained_model_config
+from train.model import (
+    build_model,
+    model_from_checkpoint,
+    set_max_detections,
+    trained_max_detections,
+    trained_model_config,
+)
 from train.precision import AMP_DTYPES
 from train.readers import split_loader
 from train.shard_reader import split_shards
@@ -143,6 +149,7 @@ def round_config(args: argparse.Namespace, base: dict, manifest: Path, weights: 
     inherited = [f"model.{key}={json.dumps(getattr(trained, key))}" for key in INHERITED_MODEL_KEYS]  # YAML values
     # its builder arguments too: representation_size shapes the weights; the rest as it was trained, by default
     inherited += [f"model.builder_kwargs.{key}={value}" for key, value in trained.builder_kwargs.given().items()]
+    inherited.append(f"eval.max_detections={trained_max_detections(base)}")  # as the base was tested
     cfg = load_config(args.config, inherited + list(args.overrides))
     return dataclasses.replace(
         cfg, run_dir=str(args.run_dir), data=dataclasses.replace(cfg.data, manifest=str(manifest)),
@@ -233,14 +240,17 @@ class ToManifestLabels(nn.Module):
 
 def evaluate_checkpoint(path: Path, test_manifest: Path, split: str, cfg: Config, strategy: Strategy,
                         out_path: Path) -> dict[str, float]:
-    """COCO metrics of a checkpoint on a manifest split, the model built as it was trained (its config)."""
+    """COCO metrics of a checkpoint on a manifest split, the model built as it was trained (its config) but capped
+    at the round's eval.max_detections, so that the base and the candidate are scored alike."""
     state = load_model_checkpoint(path)
     model, _ = model_from_checkpoint(state, path)
+    set_max_detections(model, cfg.eval.max_detections)
     classes = manifest_classes(test_manifest)
     model = ToManifestLabels(model, checkpoint_classes(state, path), classes).to(strategy.device)
     loader = split_loader(split_shards(test_manifest, split), cfg.data, strategy, training=False, classes=classes)
     return evaluate(model, loader, classes, strategy, strategy.device, out_path=out_path,
-                    amp_dtype=AMP_DTYPES[cfg.train.amp], score_threshold=cfg.eval.score_threshold)
+                    amp_dtype=AMP_DTYPES[cfg.train.amp], score_threshold=cfg.eval.score_threshold,
+                    max_detections=cfg.eval.max_detections)
 
 
 def decide(base_metrics: dict[str, float], candidate_metrics: dict[str, float], margin: float,

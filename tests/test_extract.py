@@ -315,22 +315,26 @@ def test_one_file_with_bf16_autocast_and_no_stored_test_map(small_manifest, imag
 
 def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_manifest, tmp_path):
     """The whole chain: train/main.py trains a few steps and evaluates on test (metrics.jsonl and the console
-    get the per-class APs); the final checkpoint carries the test APs, and extraction over the test split
-    records them with the model and writes rows."""
+    get the per-class APs, the run directory its figures); the final checkpoint carries the test APs, and
+    extraction over the test split records them with the model and writes rows, as many per image as the
+    training's eval.max_detections allowed."""
     from test_train import records, run_training, tiny_overrides
 
     from train.checkpoint import latest_valid_checkpoint
+    from train.eval_plots import PLOT_NAMES
     from train.evaluate import PER_CLASS_METRICS, per_class_metrics
 
     run_dir = tmp_path / "run"
-    result = run_training(tiny_overrides(small_manifest, run_dir) + ["train.max_steps=3", "eval.every_epochs=0"],
-                          nproc=0)
+    result = run_training(tiny_overrides(small_manifest, run_dir) + ["train.max_steps=3", "eval.every_epochs=0",
+                                                                     "eval.max_detections=150"], nproc=0)
     checkpoint, state = latest_valid_checkpoint(run_dir)
     names = [c["name"] for c in state["categories"]]
     [test_record] = [r for r in records(run_dir) if r.get("kind") == "eval"]
     per_class_keys = {f"{metric}/{name}" for metric in PER_CLASS_METRICS for name in names}
     assert per_class_keys <= set(test_record) and per_class_keys <= set(state["test_metrics"])
     assert sum(test_record[f"gt_boxes/{name}"] for name in names) > 0
+    assert "AR150" in test_record and "AR100" not in test_record
+    assert all((run_dir / f"{name}_test.png").is_file() for name in PLOT_NAMES)
     table = result.stdout[result.stdout.index("eval test step"):].splitlines()[1:len(names) + 2]
     assert table[0].split() == ["class", "AP", "AP50", "gt_boxes"]
     assert [line.split()[0] for line in table[1:]] == names
@@ -340,6 +344,7 @@ def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_mani
     with contextlib.closing(sqlite3.connect(database)) as connection:
         test_map, test_ap_per_class = connection.execute("SELECT test_map, test_ap_per_class FROM models").fetchone()
         images = connection.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        caps = connection.execute("SELECT DISTINCT max_detections FROM extractions").fetchall()
         attributes = connection.execute("SELECT COUNT(*) FROM attributes").fetchone()[0]
     assert test_map == pytest.approx(state["test_metrics"]["AP"])
     stored = json.loads(test_ap_per_class)
@@ -349,7 +354,7 @@ def test_a_model_trained_by_train_main_is_extracted_with_its_test_map(small_mani
         for metric, value in expected[name].items():
             assert stored[name][metric] == (None if math.isnan(value) else pytest.approx(value))
     test_ids = json.loads((small_manifest.parent / "manifest.json").read_text())["splits"]["test"]["image_ids"]
-    assert images == len(test_ids) and attributes > 0
+    assert images == len(test_ids) and attributes > 0 and caps == [(150,)]
 
 
 def test_query_piped_into_head_exits_cleanly(folder_run):

@@ -18,6 +18,7 @@ from conftest import shard_synthetic_set
 from torchvision.models import detection
 
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
+from train.eval_plots import PLOT_NAMES
 from train.main import main as train_main
 from train.run_checkpoint import KILL_BEFORE_CHECKPOINT_ENV
 
@@ -101,6 +102,9 @@ def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
     assert "images_per_s" in dump.stdout and '"strategy"' in dump.stdout
     assert f"eval/test/AP/{names[0]}" in dump.stdout and f"eval/val/AP50/{names[-1]}" in dump.stdout
     assert "eval/predictions" in dump.stdout  # validation images with predicted boxes
+    # the test evaluation's figures, beside metrics.jsonl and in wandb (validation draws none)
+    assert all((run_dir / f"{name}_test.png").stat().st_size > 0 for name in PLOT_NAMES)
+    assert not list(run_dir.glob("*_val.png")) and '"plots/pr_curves_test.path"' in dump.stdout
     assert "run directory:" in result.stdout
 
 

@@ -4,10 +4,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from train.eval_plots import EvalPlots, write_eval_plots
 from train.metrics import MetricsLogger
+from train.pr_curves import curves_from_precision
 from train.wandb_run import (
     RUN_ID_FILE_NAME,
     finish,
@@ -73,8 +76,17 @@ def _start(run_dir):
     )
 
 
+def _eval_plots(run_dir):
+    """An evaluation's figures of one class, as a test evaluation writes them."""
+    precision = np.broadcast_to(np.linspace(1, 0, 101)[None, :, None, None, None], (10, 101, 1, 4, 3))
+    curves = curves_from_precision(precision, np.linspace(0.5, 0.95, 10), np.linspace(0, 1, 101),
+                                   ["all", "small", "medium", "large"], ["bottle"])
+    return write_eval_plots(EvalPlots(run_dir, "val", 0.25), curves, np.array([[3, 1], [2, 0]]))
+
+
 def _log_one_of_each(run, run_dir):
-    """A train step, an evaluation and one image with a kept and a below-threshold box, then finish."""
+    """A train step, an evaluation with its figures and one image with a kept and a below-threshold box, then
+    finish."""
     logger = MetricsLogger(run_dir, wandb_run=run, print_fn=lambda line: None)
     logger.log_train(
         step=5,
@@ -82,7 +94,7 @@ def _log_one_of_each(run, run_dir):
         images_seen=20,
         values={"loss": 1.25, "losses/loss_classifier": 0.5, "lr": 0.01, "phase": "heads"},
     )
-    logger.log_eval(step=5, epoch=0, split="val", metrics={"map": 0.125})
+    logger.log_eval(step=5, epoch=0, split="val", metrics={"map": 0.125}, plots=_eval_plots(run_dir))
     image = torch.zeros(3, 48, 64, dtype=torch.uint8)
     prediction = {
         "boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [1.0, 1.0, 2.0, 2.0]]),
@@ -105,6 +117,11 @@ def _check_logged_run(run_file: Path):
     assert train["step"] == 5 and train["images_seen"] == 20 and train["_step"] == 5
     evaluation = next(item for item in history if "eval/val/map" in item)
     assert evaluation["eval/val/map"] == 0.125 and evaluation["_step"] == 5
+    for name in ("pr_curves_val", "confusion_matrix_val", "ap_per_class_val"):
+        key = f"plots/{name}"
+        assert evaluation[f"{key}._type"] == "image-file" and evaluation[f"{key}.format"] == "png"
+        logged = run_file.parent / "files" / evaluation[f"{key}.path"]
+        assert logged.read_bytes() == (run_file.parents[2] / f"{name}.png").read_bytes()
     images = next(item for item in history if "eval/predictions.filenames" in item)
     assert images["_step"] == 6 and images["eval/predictions.width"] == 64
     boxes_file = images["eval/predictions.all_boxes"][0]["predictions"]["path"]

@@ -20,11 +20,18 @@ from typing import Any
 import yaml
 
 from common.atomic_io import write_text_atomically
+from train.augment import AUGMENT_POLICIES
+from train.detectors import FIXED_SIZE_MODELS
 from train.precision import AMP_DTYPES
 from train.strategy import DEVICES, STRATEGY_KINDS
 from train.wandb_run import WANDB_MODES
 
 COMMAND_LINE = "command line"
+# Options that another option now sets: (that option, why), for a clear error instead of "unknown key".
+MOVED_KEYS = {
+    "model.builder_kwargs.box_detections_per_img":
+        ("eval.max_detections", "one cap for the model's detections per image and COCOeval's maxDets"),
+}
 
 
 def _rule(default: Any, **rules: Any) -> Any:
@@ -41,8 +48,21 @@ class DataConfig:
     batch_size: int = _rule(2, min=1)  # images per device per step (dp loads batch_size * num_gpus)
     num_workers: int = _rule(2, min=0)
     shuffle_buffer: int = _rule(64, min=0)
-    hflip_prob: float = _rule(0.5, min=0.0, max=1.0)
+    hflip_prob: float = _rule(0.5, min=0.0, max=1.0)  # the flip, under every augment policy
     aspect_ratio_grouping: bool = True  # batch landscape with landscape, portrait with portrait (less padding)
+    # Training images' scale (train/augment.py): hflip = the flip alone, the model resizes to model.min_size/max_size;
+    # multiscale and lsj size images in the reader, and the model then resizes in evaluation only.
+    augment: str = _rule("hflip", choices=AUGMENT_POLICIES)
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # multiscale: shorter sides
+    max_size: int = _rule(1333, min=1)  # multiscale: the longer side's cap
+    jitter_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # lsj: scale factors, low and high
+    crop_size: int = _rule(1024, min=1)  # lsj: the square every training image is cut or padded to
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) < 1:
+            raise ValueError(f"scales must be a non-empty list of sizes >= 1, got {self.scales}")
+        if len(self.jitter_range) != 2 or not 0 < self.jitter_range[0] <= self.jitter_range[1]:
+            raise ValueError(f"jitter_range must be [low, high] with 0 < low <= high, got {self.jitter_range}")
 
 
 @dataclass
@@ -50,6 +70,7 @@ class BuilderKwargs:
     """Keyword arguments for the torchvision detector builder; None keeps the builder's own default.
 
     Most apply to the Faster R-CNN family only (train/model.py rejects one the chosen model does not take).
+    The cap on detections per image is not one of them: eval.max_detections sets it for every model.
     `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), which its
     builders do not take as an argument: train/model.py replaces the head instead.
     """
@@ -64,7 +85,6 @@ class BuilderKwargs:
     box_positive_fraction: float | None = _rule(None, min=0.0, max=1.0)
     box_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
     box_nms_thresh: float | None = _rule(None, min=0.0, max=1.0)
-    box_detections_per_img: int | None = _rule(None, min=1)
     representation_size: int | None = _rule(None, min=1)
 
     def given(self) -> dict[str, int | float]:
@@ -180,6 +200,13 @@ class EvalConfig:
     every_epochs: int = _rule(1, min=0)  # 0 = never during training
     test_at_end: bool = True
     score_threshold: float = _rule(0.0, min=0.0, max=1.0)
+    # Detections per image: the model keeps at most this many (box_detections_per_img of Faster R-CNN,
+    # detections_per_img of the others) and COCOeval counts as many (its largest maxDets; 1 and 10 stay for AR).
+    # Raise it for scenes with more objects than that: recall can never exceed max_detections / objects.
+    max_detections: int = _rule(100, min=1)
+    # The confusion matrix of a test evaluation counts detections scoring at least this (Ultralytics' 0.25): one
+    # operating point, where the PR curves show them all.
+    confusion_score: float = _rule(0.25, min=0.0, max=1.0)
 
 
 @dataclass
@@ -238,7 +265,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         cfg = _merge(Config, _read_yaml_file(Path(path)), str(path), "", cfg)
     for override in overrides:
         cfg = _merge(Config, _parse_override(override), COMMAND_LINE, "", cfg)
+    _check_across_sections(cfg)
     return cfg
+
+
+def _check_across_sections(cfg: Config) -> None:
+    """Rules that tie options of two sections together, checked once on the final config."""
+    if cfg.data.augment != "hflip" and cfg.model.name in FIXED_SIZE_MODELS:
+        raise ValueError(f"data.augment: {cfg.data.augment} sizes training images in the reader, but model.name "
+                         f"{cfg.model.name} resizes every image to its own fixed size: use data.augment=hflip")
 
 
 def model_config_from_dict(saved: dict[str, Any], source: str) -> ModelConfig:
@@ -297,6 +332,11 @@ def _merge(cls: type, data: Any, source: str, where: str, base: Any = None) -> A
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {} if base is None else {name: getattr(base, name) for name in fields}
     for key, value in data.items():
+        if f"{where}{key}" in MOVED_KEYS:
+            if value is None:  # as configs saved before the move hold it: nothing was set
+                continue
+            replacement, why = MOVED_KEYS[f"{where}{key}"]
+            raise ValueError(f"{source}: '{where}{key}' is no longer an option: set {replacement} instead ({why})")
         if key not in fields:
             raise ValueError(f"{source}: unknown key '{where}{key}'{_suggestion(cls, where, str(key))}")
         values[key] = _convert(hints[key], value, source, f"{where}{key}", values.get(key))

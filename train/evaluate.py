@@ -8,9 +8,12 @@ numbers, 5.7x faster on 5,000 images with 100 detections each, docs/benchmarks.m
 ground truth as JSON that plain pycocotools can re-score. The metrics are broadcast, so every rank returns the same
 dict.
 
-Besides the summary metrics, every class of the ground truth gets `AP/<name>`, `AP50/<name>` (area all, 100
-detections per image) and `gt_boxes/<name>` (its non-crowd boxes, what its AP is measured on): a model can be
-good on average and useless for one class, and a consumer of its attributes needs to know which.
+Besides the summary metrics, every class of the ground truth gets `AP/<name>`, `AP50/<name>` (area all, up to
+`max_detections` detections per image) and `gt_boxes/<name>` (its non-crowd boxes, what its AP is measured on): a
+model can be good on average and useless for one class, and a consumer of its attributes needs to know which.
+COCOeval counts at most `max_detections` per image (its largest maxDets; eval.max_detections, the cap the model
+was built with): recall is named after it, `AR<max_detections>` (AR100 by default). When asked (`plots`), rank 0
+also draws the PR curves per class, the confusion matrix and AP per class (train/eval_plots.py).
 
 Metrics that COCOeval cannot define (an area range, a class or a whole split without ground truth boxes, where
 pycocotools reports -1) are returned as NaN, so that a chart or a "best AP" comparison never reads them as a
@@ -28,7 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from faster_coco_eval import COCO
 from faster_coco_eval import COCOeval_faster as COCOeval
@@ -36,18 +38,20 @@ from torch import nn
 
 from common.atomic_io import write_json_atomically
 from data_prep.class_list import ClassList
+from train.confusion import confusion_matrix
+from train.eval_plots import EvalPlots, write_eval_plots
+from train.pr_curves import precision_recall
 from train.strategy import Strategy
 
-# Metric name -> index in COCOeval.stats for the 'bbox' iouType.
-METRIC_STATS_INDEX = {
-    "AP": 0,
-    "AP50": 1,
-    "AP75": 2,
-    "AP_small": 3,
-    "AP_medium": 4,
-    "AP_large": 5,
-    "AR100": 8,
-}
+COCO_MAX_DETECTIONS = 100  # COCOeval's own largest maxDets
+
+
+def summary_stats_index(max_detections: int = COCO_MAX_DETECTIONS) -> dict[str, int]:
+    """Metric name -> index in COCOeval.stats for the 'bbox' iouType; recall is named after maxDets[-1]."""
+    return {"AP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_large": 5, f"AR{max_detections}": 8}
+
+
+METRIC_STATS_INDEX = summary_stats_index()
 # Metrics reported per class, as "<metric>/<class name>" keys of the metrics dict.
 PER_CLASS_METRICS = ("AP", "AP50", "gt_boxes")
 
@@ -62,6 +66,8 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     score_threshold: float = 0.0,
     verbose: bool = False,
+    max_detections: int = COCO_MAX_DETECTIONS,
+    plots: EvalPlots | None = None,
 ) -> dict[str, float]:
     """COCO box metrics of `model` on the union of every rank's `batches`; the same dict on every rank.
 
@@ -69,8 +75,10 @@ def evaluate(
     targets with xyxy `boxes`, contiguous `labels`, `image_id`, `iscrowd` and `area`. `classes`, the
     manifest's class list, turns labels into category ids. When `out_path` is given, rank 0 writes the
     detections there as a COCO results list and the ground truth to `<stem>_gt.json` beside it. `verbose`
-    prints COCOeval's summary on rank 0. Detections scoring below `score_threshold` are dropped. A failure on
-    any rank is raised on every rank instead of leaving the others waiting in a collective.
+    prints COCOeval's summary on rank 0. Detections scoring below `score_threshold` are dropped; COCOeval counts
+    the best `max_detections` of each image (the model's own cap should be the same: train/model.py). With
+    `plots`, rank 0 writes the evaluation's figures there. A failure on any rank is raised on every rank instead
+    of leaving the others waiting in a collective.
     """
     device = torch.device(device)
 
@@ -86,7 +94,7 @@ def evaluate(
     metrics, scoring_error = None, None
     if strategy.is_main:
         try:
-            metrics = _score_and_save(records, classes, out_path, verbose)
+            metrics = _score_and_save(records, classes, out_path, verbose, max_detections, plots)
         except Exception as error:
             scoring_error = error
     strategy.raise_if_any_failed(scoring_error, "evaluation")
@@ -200,7 +208,8 @@ def _unique_by_image_id(per_rank_records: Iterable[list[dict]]) -> list[dict]:
 
 
 def _score_and_save(
-    records: list[dict], classes: ClassList, out_path: Path | None, verbose: bool
+    records: list[dict], classes: ClassList, out_path: Path | None, verbose: bool, max_detections: int,
+    plots: EvalPlots | None,
 ) -> dict[str, float]:
     ground_truth = coco_ground_truth(records, classes)
     detections = [detection for record in records for detection in record["detections"]]
@@ -208,7 +217,18 @@ def _score_and_save(
         out_path = Path(out_path)
         write_json_atomically(out_path, detections)
         write_json_atomically(ground_truth_path(out_path), ground_truth)
-    return score_detections(ground_truth, detections, verbose=verbose)
+    coco_eval = coco_evaluation(ground_truth, detections, max_detections, verbose)
+    if plots is not None:
+        plot_evaluation(ground_truth, detections, coco_eval, plots)
+    return _metrics(coco_eval, ground_truth)
+
+
+def plot_evaluation(
+    ground_truth: dict, detections: list[dict], coco_eval: COCOeval, plots: EvalPlots
+) -> dict[str, Path]:
+    """Write the figures of an evaluation (`coco_eval`, accumulated, of `detections` against `ground_truth`)."""
+    confusion = confusion_matrix(ground_truth, detections, plots.confusion_score)
+    return write_eval_plots(plots, precision_recall(coco_eval, _class_names(coco_eval, ground_truth)), confusion)
 
 
 def ground_truth_path(out_path: Path) -> Path:
@@ -231,38 +251,53 @@ def coco_ground_truth(records: list[dict], classes: ClassList) -> dict:
     }
 
 
-def score_detections(ground_truth: dict, detections: list[dict], verbose: bool = False) -> dict[str, float]:
-    """COCOeval 'bbox' metrics of `detections` (a COCO results list) against a COCO `ground_truth` dict."""
+def score_detections(ground_truth: dict, detections: list[dict], verbose: bool = False,
+                     max_detections: int = COCO_MAX_DETECTIONS) -> dict[str, float]:
+    """COCOeval 'bbox' metrics of `detections` (a COCO results list) against a COCO `ground_truth` dict, counting
+    at most `max_detections` per image."""
+    return _metrics(coco_evaluation(ground_truth, detections, max_detections, verbose), ground_truth)
+
+
+def coco_evaluation(ground_truth: dict, detections: list[dict], max_detections: int = COCO_MAX_DETECTIONS,
+                    verbose: bool = False) -> COCOeval:
+    """An evaluated, accumulated and summarised COCOeval; maxDets [1, 10, max_detections]."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = copy.deepcopy(ground_truth)
         coco_gt.createIndex()
         coco_dt = _load_results(coco_gt, detections)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox", print_function=print)  # its summary to stdout
+        coco_eval.params.maxDets = [1, 10, max_detections]  # AR at 1 and 10 as COCO's; the rest at the cap
         coco_eval.evaluate()
         coco_eval.accumulate()
     with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
         coco_eval.summarize()
-    metrics = {name: _defined_or_nan(coco_eval.stats[index]) for name, index in METRIC_STATS_INDEX.items()}
+    return coco_eval
+
+
+def _metrics(coco_eval: COCOeval, ground_truth: dict) -> dict[str, float]:
+    stats_index = summary_stats_index(coco_eval.params.maxDets[-1])
+    metrics = {name: _defined_or_nan(coco_eval.stats[index]) for name, index in stats_index.items()}
     return {**metrics, **_per_class_ap(coco_eval, ground_truth)}
 
 
 def _per_class_ap(coco_eval: COCOeval, ground_truth: dict) -> dict[str, float]:
-    """AP (IoU .50:.95) and AP50 of each ground truth category, area all, 100 detections, as summarize()
-    averages them; with the number of non-crowd boxes it was measured on."""
-    params = coco_eval.params
-    # precision: [IoU thresholds, recall points, categories (params.catIds order), area ranges, max detections]
-    precision = coco_eval.eval["precision"][:, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
-    iou_50 = list(params.iouThrs).index(0.5)
-    names = {int(c["id"]): str(c["name"]) for c in ground_truth["categories"]}
+    """AP (IoU .50:.95) and AP50 of each ground truth category (area all, the largest maxDets) as summarize()
+    averages them, read from the same arrays as the PR curves; with the non-crowd boxes it was measured on."""
+    curves = precision_recall(coco_eval, _class_names(coco_eval, ground_truth))
     gt_boxes = Counter(int(a["category_id"]) for a in ground_truth["annotations"] if not a.get("iscrowd", 0))
     metrics: dict[str, float] = {}
-    for k, category_id in enumerate(params.catIds):
-        name = names[category_id]
-        metrics[f"AP/{name}"] = _mean_precision(precision[:, :, k])
-        metrics[f"AP50/{name}"] = _mean_precision(precision[iou_50, :, k])
+    for k, (category_id, name) in enumerate(zip(coco_eval.params.catIds, curves.class_names, strict=True)):
+        metrics[f"AP/{name}"] = float(curves.ap[k])
+        metrics[f"AP50/{name}"] = float(curves.ap50[k])
         metrics[f"gt_boxes/{name}"] = gt_boxes[category_id]
     return metrics
+
+
+def _class_names(coco_eval: COCOeval, ground_truth: dict) -> list[str]:
+    """The ground truth's category names in the order of COCOeval's category axis (params.catIds)."""
+    names = {int(c["id"]): str(c["name"]) for c in ground_truth["categories"]}
+    return [names[category_id] for category_id in coco_eval.params.catIds]
 
 
 def per_class_metrics(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -294,9 +329,3 @@ def _load_results(coco_gt: COCO, detections: list[dict]) -> COCO:
 def _defined_or_nan(value: float) -> float:
     # pycocotools reports -1 where a metric is undefined (no ground truth in that area range).
     return math.nan if value < 0 else float(value)
-
-
-def _mean_precision(precision: np.ndarray) -> float:
-    # -1 marks a category without ground truth in the split: undefined, not 0.
-    defined = precision[precision > -1]
-    return float(defined.mean()) if defined.size else math.nan

@@ -18,6 +18,7 @@ from torch import nn
 from data_prep.class_list import ClassList
 from train.checkpoint import best_checkpoint_path, load_checkpoint
 from train.config import Config
+from train.eval_plots import EvalPlots
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
 from train.metrics import IntervalMeter, MetricsLogger
@@ -222,16 +223,20 @@ class Trainer:
     def evaluate(self, split: str, shards: list[Shard], at: Progress | None = None,
                  detections_suffix: str = "") -> dict[str, float]:
         """COCO metrics of the model on `split`, logged at `at` (default: now); rank 0 writes the detections to
-        detections_<split><detections_suffix>.json."""
+        detections_<split><detections_suffix>.json, and for the test split the figures (train/eval_plots.py)."""
         at = at or self.progress
+        eval_cfg = self.cfg.eval
         loader = split_loader(shards, self.cfg.data, self.strategy, training=False, classes=self.classes)
+        plots = (EvalPlots(self.run_dir, f"{split}{detections_suffix}", eval_cfg.confusion_score)
+                 if split == self.cfg.data.test_split else None)
         metrics = evaluate(
             self.model_without_ddp, loader, self.classes, self.strategy, self.device,
             out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
-            score_threshold=self.cfg.eval.score_threshold,
+            score_threshold=eval_cfg.score_threshold, max_detections=eval_cfg.max_detections, plots=plots,
         )
         images_seen = None if at is self.progress else at.images_seen  # None: as of the last training record
-        self.logger.log_eval(at.step, at.epoch, split, metrics, images_seen=images_seen)
+        self.logger.log_eval(at.step, at.epoch, split, metrics, images_seen=images_seen,
+                             plots=plots.paths() if plots else None)
         if split == self.cfg.data.val_split:
             self._log_validation_images(shards)
         return metrics

@@ -18,6 +18,7 @@ import torch
 
 from train.evaluate import PER_CLASS_METRICS, per_class_metrics
 from train.gpu_stats import GpuStatsSampler
+from train.wandb_run import wandb_images
 
 METRICS_FILE_NAME = "metrics.jsonl"
 
@@ -140,8 +141,9 @@ class MetricsLogger:
     Train records also carry the GPU means from `gpu_stats` (keys gpu/{index}/...) when it is given.
     On the console an evaluation is one line of its summary metrics, then its per-class metrics (AP/<class>,
     AP50/<class>, gt_boxes/<class>) as a table.
-    wandb gets train values as train/<name>, GPU means as gpu/..., eval metrics as eval/<split>/<name>, plus
-    "step" and "images_seen", at wandb step `step`; events and string values are not sent. wandb ignores a
+    wandb gets train values as train/<name>, GPU means as gpu/..., eval metrics as eval/<split>/<name>, an
+    evaluation's figures as images plots/<file stem> (pr_curves_test, ...), plus "step" and "images_seen", at
+    wandb step `step`; events and string values are not sent. wandb ignores a
     step lower than one it already has, so steps replayed after a resume appear once there. An evaluation of
     earlier weights (best.pt's test metrics after training) goes out at this process's latest wandb step,
     placed on the charts by its own "step" value.
@@ -186,8 +188,10 @@ class MetricsLogger:
         split: str,
         metrics: Mapping[str, Any],
         images_seen: int | None = None,
+        plots: Mapping[str, Path] | None = None,
     ) -> None:
-        """Evaluation results of one split; images_seen defaults to the last value given to log_train."""
+        """Evaluation results of one split; images_seen defaults to the last value given to log_train. `plots`
+        are the evaluation's PNG files (train/eval_plots.py), already written."""
         if not self.enabled:
             return
         images_seen = self._images_seen if images_seen is None else images_seen
@@ -203,7 +207,10 @@ class MetricsLogger:
         per_class = per_class_metrics(metrics)
         if per_class:
             self._print(_per_class_table(per_class))
-        self._log_wandb(step, images_seen, _flatten(f"eval/{split}", metrics))
+        if plots:
+            self._print(f"plots: {', '.join(str(path) for path in plots.values())}")
+        images = wandb_images({f"plots/{path.stem}": path for path in (plots or {}).values()}, self.wandb_run)
+        self._log_wandb(step, images_seen, {**_flatten(f"eval/{split}", metrics), **images})
 
     def log_event(self, name: str, **fields: Any) -> None:
         """Something that happened once: a phase change, a skipped non-finite step, a resume."""

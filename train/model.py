@@ -2,7 +2,8 @@
 
 The detector is always built by its torchvision builder *without* weights, so that it depends on the config
 alone and a checkpoint rebuilds exactly; then its starting weights are loaded (train/weights.py). The builder's
-own keyword arguments come from `model.builder_kwargs`.
+own keyword arguments come from `model.builder_kwargs`; the cap on detections per image from `eval.max_detections`,
+so that the model returns as many detections as COCOeval counts (train/evaluate.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from train.checkpoint import checkpoint_classes
-from train.config import ModelConfig, model_config_from_dict
+from train.config import EvalConfig, ModelConfig, model_config_from_dict
 from train.detectors import DETECTION_BUILDERS, DETECTOR_CLASSES, FIXED_SIZE_MODELS
 from train.freezing import freeze_batchnorm
 from train.weights import (
@@ -30,10 +31,19 @@ from train.weights import (
 
 log = logging.getLogger(__name__)
 
+LEGACY_CAP_KEY = "box_detections_per_img"  # model.builder_kwargs' name for the cap before eval.max_detections
 
-def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsReport]:
+
+def build_model(
+    cfg: ModelConfig, num_classes: int, *, max_detections: int | None = None, resize_in_training: bool = True
+) -> tuple[nn.Module, WeightsReport]:
     """Build detector `cfg.name` on the CPU with a head for `num_classes` (background included) and load its
-    starting weights (`cfg.weights` or `cfg.weights_backbone`).
+    starting weights (`cfg.weights` or `cfg.weights_backbone`). With `max_detections` (eval.max_detections) it
+    returns at most that many detections per image; None keeps the builder's own cap (torchvision: 100 for Faster
+    R-CNN and FCOS, 300 for RetinaNet, 200 for SSD).
+
+    resize_in_training=False: the reader has sized the training images (data.augment multiscale or lsj, see
+    train/augment.py), so the model resizes to min_size/max_size in evaluation only (torchvision's `_skip_resize`).
 
     With `cfg.frozen_batchnorm` the backbone's BatchNorm2d layers become FrozenBatchNorm2d, as torchvision does
     for pretrained backbones: batches of 2 images per GPU are too small for useful batch statistics.
@@ -50,6 +60,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsR
     name = cfg.name
     start = fetch_starting_weights(cfg)  # before the build: a missing file fails before any work
     size_kwargs = {} if name in FIXED_SIZE_MODELS else {"min_size": cfg.min_size, "max_size": cfg.max_size}
+    if not resize_in_training:
+        size_kwargs["_skip_resize"] = True
     if name in FIXED_SIZE_MODELS:
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
     builder_kwargs = cfg.builder_kwargs.given()
@@ -60,6 +72,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, WeightsR
     )
     if representation_size is not None:
         resize_box_head(model, name, representation_size, num_classes)
+    if max_detections is not None:
+        set_max_detections(model, max_detections)
     if cfg.frozen_batchnorm:
         frozen = freeze_batchnorm(model.backbone, frozen_batchnorm_eps(cfg))
         log.info("model %s: %d BatchNorm2d layers of the backbone frozen", name, frozen)
@@ -76,18 +90,34 @@ def trained_model_config(state: Mapping, path: str | Path) -> ModelConfig:
     """How the model in checkpoint `state` (read from `path`) was built, without its starting weights: the
     checkpoint's own state dict replaces them. Their FrozenBatchNorm2d eps stays (it is no tensor, so the state
     dict does not hold it). Options a checkpoint predates take today's defaults."""
-    saved = model_config_from_dict(state["config"]["model"], str(path))
+    saved_model = dict(state["config"]["model"])
+    # Before eval.max_detections, the cap was a builder argument: trained_max_detections reads it from there.
+    saved_model["builder_kwargs"] = {key: value for key, value in saved_model.get("builder_kwargs", {}).items()
+                                     if key != LEGACY_CAP_KEY}
+    saved = model_config_from_dict(saved_model, str(path))
     return dataclasses.replace(
         saved, weights=None, weights_backbone=None, frozen_batchnorm_eps=frozen_batchnorm_eps(saved)
     )
 
 
+def trained_max_detections(state: Mapping) -> int:
+    """The cap on detections per image the checkpoint's model was trained and evaluated with: its
+    eval.max_detections; for a checkpoint from before that option, the builder argument it had then, else
+    today's default."""
+    config = state["config"]
+    saved = config.get("eval", {}).get("max_detections")
+    if saved is None:
+        saved = config["model"].get("builder_kwargs", {}).get(LEGACY_CAP_KEY)
+    return EvalConfig.max_detections if saved is None else int(saved)
+
+
 def model_from_checkpoint(state: Mapping, path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """The trained model in checkpoint `state` (read from `path`; see train/checkpoint.py: load_model_checkpoint),
     on the CPU: built as it was trained (`trained_model_config`: name, sizes, BatchNorm kind and eps, builder
-    arguments) with a head for its class list, and its weights loaded strictly."""
+    arguments; `trained_max_detections`) with a head for its class list, and its weights loaded strictly."""
     model_cfg = trained_model_config(state, path)
-    model, _ = build_model(model_cfg, checkpoint_classes(state, path).num_classes)
+    model, _ = build_model(model_cfg, checkpoint_classes(state, path).num_classes,
+                           max_detections=trained_max_detections(state))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -96,6 +126,12 @@ def model_from_checkpoint(state: Mapping, path: str | Path) -> tuple[nn.Module, 
 
 
 # ---- the model's options ---------------------------------------------------------------------------------------------
+def set_max_detections(model: nn.Module, max_detections: int) -> None:
+    """At most `max_detections` detections per image: Faster R-CNN keeps its cap on roi_heads (the builder's
+    box_detections_per_img), RetinaNet, FCOS and SSD on the model (detections_per_img)."""
+    getattr(model, "roi_heads", model).detections_per_img = max_detections
+
+
 def _check_builder_kwargs(name: str, builder_kwargs: Mapping[str, object]) -> None:
     """A keyword the model's class does not take is a config error, not a TypeError from deep inside."""
     accepted = inspect.signature(DETECTOR_CLASSES[name].__init__).parameters

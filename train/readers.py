@@ -8,6 +8,7 @@ reads the same batches and runs the unwrapped model on them on one device (train
 from __future__ import annotations
 
 from data_prep.class_list import ClassList
+from train.augment import LargeScaleJitter, Multiscale, ScaleAugmentation
 from train.config import DataConfig
 from train.shard_reader import Shard, ShardBatches, ShardLoader, samples_per_rank
 from train.strategy import Strategy
@@ -34,9 +35,24 @@ def split_loader(
         shards, batch_size=strategy.loader_batch_size(data.batch_size), seed=seed, epoch=epoch,
         rank=strategy.rank, world_size=strategy.world_size, training=training, start_sample=start_sample,
         shuffle_buffer=data.shuffle_buffer, hflip_prob=data.hflip_prob,
-        aspect_ratio_grouping=data.aspect_ratio_grouping, classes=classes,
+        aspect_ratio_grouping=data.aspect_ratio_grouping, scale_augmentation=scale_augmentation(data),
+        classes=classes,
     )
     return ShardLoader(dataset, num_workers=data.num_workers, pin_memory=strategy.device.type == "cuda")
+
+
+def scale_augmentation(data: DataConfig) -> ScaleAugmentation | None:
+    """The reader's scale policy for `data.augment`; None for hflip, where the model sizes the images."""
+    if data.augment == "multiscale":
+        return Multiscale(tuple(data.scales), data.max_size)
+    if data.augment == "lsj":
+        return LargeScaleJitter((data.jitter_range[0], data.jitter_range[1]), data.crop_size)
+    return None
+
+
+def reader_sizes_training_images(data: DataConfig) -> bool:
+    """True when the reader gives training images their size, so the model must not resize them again."""
+    return scale_augmentation(data) is not None
 
 
 def steps_per_epoch(shards: list[Shard], *, world_size: int, loader_batch_size: int, accumulate_steps: int) -> int:

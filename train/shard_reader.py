@@ -19,10 +19,11 @@ gives exact epochs or resume, so this module plans each epoch itself and uses we
 5. Resuming at sample k of an epoch (a multiple of the batch size) skips k raw samples of the rank's batches
    before any decoding and yields exactly what an uninterrupted reader would have yielded from there.
 
-Augmentation (horizontal flip) is drawn per sample from (seed, epoch, key), so it is the same whichever worker
-or resume point reads the sample. Training labels come from the original category ids through the class list
-the trainer uses (`classes`, a data_prep.class_list.ClassList), so shards of several data_prep outputs, each
-numbered for its own classes, can be read as one set.
+Augmentation (the horizontal flip, and the scale policies of train/augment.py) is drawn per sample from
+(seed, epoch, key), so it is the same whichever worker or resume point reads the sample; evaluation is never
+augmented. Training labels come from the original category ids through the class list the trainer uses
+(`classes`, a data_prep.class_list.ClassList), so shards of several data_prep outputs, each numbered for its own
+classes, can be read as one set.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_prep.class_list import ClassList
 from data_prep.manifest import load_manifest, split_entry
+from train.augment import ScaleAugmentation
 
 
 class ShardReadError(RuntimeError):
@@ -197,6 +199,7 @@ class ShardBatches(IterableDataset):
         shuffle_buffer: int = 64,
         hflip_prob: float = 0.5,
         aspect_ratio_grouping: bool = True,
+        scale_augmentation: ScaleAugmentation | None = None,
         classes: ClassList | None = None,
     ):
         super().__init__()
@@ -204,6 +207,7 @@ class ShardBatches(IterableDataset):
         self.rank, self.world_size, self.training = rank, world_size, training
         self.start_sample, self.shuffle_buffer, self.hflip_prob = start_sample, shuffle_buffer, hflip_prob
         self.aspect_ratio_grouping = aspect_ratio_grouping and training
+        self.scale_augmentation = scale_augmentation if training else None
         self.classes = classes
         self.num_samples = samples_per_rank(shards, rank=rank, world_size=world_size, training=training)
         if not 0 <= start_sample <= self.num_samples:
@@ -235,12 +239,15 @@ class ShardBatches(IterableDataset):
     def _decode_batch(self, raw_batch: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:
         images, targets = [], []
         for sample in raw_batch:
+            key = sample["__key__"]
             try:
-                image, target = decode_sample(
-                    sample, training=self.training, hflip=self._flip(sample["__key__"]), classes=self.classes
-                )
+                image, target = decode_sample(sample, training=self.training, hflip=self._flip(key),
+                                              classes=self.classes)
+                if self.scale_augmentation is not None:
+                    rng = random.Random(f"scale/{self.seed}/{self.epoch}/{key}")
+                    image, target = self.scale_augmentation(image, target, rng)
             except Exception as error:
-                raise ShardReadError(f"{sample.get('__url__')}: sample {sample['__key__']}: {error}") from error
+                raise ShardReadError(f"{sample.get('__url__')}: sample {key}: {error}") from error
             images.append(image)
             targets.append(target)
         if get_worker_info() is not None:  # see ShardLoader

@@ -23,7 +23,7 @@ from train.loop import Splits, Trainer
 from train.metrics import MetricsLogger
 from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
-from train.readers import steps_per_epoch
+from train.readers import reader_sizes_training_images, steps_per_epoch
 from train.run_checkpoint import resume_run
 from train.shard_reader import Shard, split_shards
 from train.strategy import Strategy
@@ -75,7 +75,8 @@ def train(cfg: Config, strategy: Strategy) -> None:
     splits = read_splits(cfg)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, weights_report = build_model(cfg.model, classes.num_classes)
+    model, weights_report = build_model(cfg.model, classes.num_classes, max_detections=cfg.eval.max_detections,
+                                        resize_in_training=not reader_sizes_training_images(cfg.data))
     validate_schedule(model, cfg.freeze.phases)
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark

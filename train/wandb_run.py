@@ -130,6 +130,15 @@ def log_detection_images(
     run.log({key: logged, "step": step}, step=step)
 
 
+def wandb_images(files: Mapping[str, Path], run: Any) -> dict[str, Any]:
+    """Image files as wandb images by key, to log with other values; {} without a run."""
+    if run is None or not files:
+        return {}
+    import wandb
+
+    return {key: wandb.Image(str(path)) for key, path in files.items()}
+
+
 def _box_data(
     prediction: Mapping[str, torch.Tensor],
     class_labels: dict[int, str],
