@@ -69,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                         help="autocast dtype; auto = bf16 on a GPU, off on the CPU")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-colour", dest="colour", action="store_false",
+                        help="do not name each detection's dominant colour")
     args = parser.parse_args(argv)
     if args.manifest is not None and args.split is None:
         parser.error("--manifest needs --split")
