@@ -52,7 +52,11 @@ class ImageRecord:
 
 @dataclass(frozen=True, slots=True)
 class AnnotationRecord:
-    """The fields of one COCO annotation the shards need (segmentations are not kept), values unchecked."""
+    """The fields of one COCO annotation the shards need (segmentations are not kept), values unchecked.
+
+    `attributes` is the annotation's optional `attributes` object (e.g. {"colour": "red"}, as attribute data
+    sets such as Fashionpedia carry them), None when absent; it travels to the shards as it is.
+    """
 
     annotation_id: int
     image_id: object
@@ -62,6 +66,7 @@ class AnnotationRecord:
     area: object
     source: str
     input_index: int
+    attributes: object = None
 
 
 @dataclass
@@ -194,6 +199,7 @@ def _read_annotations(path: Path, entries: list, input_index: int) -> list[Annot
             area=entry.get("area"),
             source=path.name,
             input_index=input_index,
+            attributes=entry.get("attributes"),
         ))
     return annotations
 
@@ -257,15 +263,16 @@ def to_shard_annotation(annotation: AnnotationRecord, width: int, height: int, l
     if not _is_number(area) or area <= 0:
         area = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1])
         fixes.append(("area_from_box", f"area {annotation.area!r} -> box area {area}"))
-    return BoxOutcome(
-        annotation={
-            "id": annotation.annotation_id,
-            "bbox": list(clipped),
-            "label": label,
-            "category_id": annotation.category_id,
-            "iscrowd": int(annotation.iscrowd),
-            "area": area,
-        },
-        dropped=None,
-        fixes=tuple(fixes),
-    )
+    shard_annotation = {
+        "id": annotation.annotation_id,
+        "bbox": list(clipped),
+        "label": label,
+        "category_id": annotation.category_id,
+        "iscrowd": int(annotation.iscrowd),
+        "area": area,
+    }
+    if isinstance(annotation.attributes, dict):
+        shard_annotation["attributes"] = annotation.attributes
+    elif annotation.attributes is not None:
+        fixes.append(("attributes_dropped", f"attributes {annotation.attributes!r} is not a JSON object"))
+    return BoxOutcome(annotation=shard_annotation, dropped=None, fixes=tuple(fixes))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import __version__
 from data_prep.class_list import ClassList
-from data_prep.manifest import build_manifest, load_manifest, write_manifest
+from data_prep.manifest import AttributeCensus, build_manifest, load_manifest, write_manifest
 from data_prep.shard_writer import ShardInfo
 
 
@@ -33,11 +33,12 @@ def write_union_manifest(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits: dict[str, tuple[list[ShardInfo], list[int]]] = {name: ([], []) for name in required_splits}
-    inputs = []
+    inputs, attribute_records = [], []
     for manifest_path in manifest_paths:
         manifest_path = Path(manifest_path)
         manifest = load_manifest(manifest_path)
         inputs += manifest["inputs"]
+        attribute_records.append(manifest.get("attributes", {}))
         _check_covered(manifest_path, ClassList.from_json(manifest["categories"], source=manifest_path), classes)
         for split, entry in manifest["splits"].items():
             shards, image_ids = splits.setdefault(split, ([], []))
@@ -51,6 +52,7 @@ def write_union_manifest(
         inputs=inputs,
         classes=classes,
         splits=splits,
+        attributes=AttributeCensus.merged(attribute_records),
     ))
     return path
 

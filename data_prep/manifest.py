@@ -7,6 +7,8 @@ side relies on, so a wrong or truncated file fails at start-up with the file and
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from common.atomic_io import write_json_atomically
@@ -26,6 +28,7 @@ def build_manifest(
     inputs: list[dict],
     classes: ClassList,
     splits: dict[str, tuple[list[ShardInfo], list[int]]],
+    attributes: AttributeCensus | None = None,
 ) -> dict:
     """splits: name -> (shards, image ids in sample order); shard files relative to the manifest's directory."""
     return {
@@ -45,7 +48,51 @@ def build_manifest(
             }
             for name, (shards, image_ids) in splits.items()
         },
+        "attributes": (attributes or AttributeCensus()).to_json(),
     }
+
+
+class AttributeCensus:
+    """What the written annotations' `attributes` hold: per attribute name, how many annotations carry it and
+    how often each value occurs (a value that is not a string is counted as its JSON text). A name with more
+    than MAX_VALUES distinct values (free text, numbers) keeps the first MAX_VALUES and says it was cut."""
+
+    MAX_VALUES = 100
+
+    def __init__(self) -> None:
+        self.annotations: Counter[str] = Counter()
+        self.values: dict[str, Counter[str]] = {}
+        self.cut: set[str] = set()
+
+    def add(self, attributes: dict, count: int = 1) -> None:
+        for name, value in attributes.items():
+            self.add_value(name, value if isinstance(value, str) else json.dumps(value, sort_keys=True), count)
+            self.annotations[name] += count
+
+    def add_value(self, name: str, value: str, count: int) -> None:
+        values = self.values.setdefault(name, Counter())
+        if value in values or len(values) < self.MAX_VALUES:
+            values[value] += count
+        else:
+            self.cut.add(name)
+
+    @classmethod
+    def merged(cls, records: Iterable[dict]) -> AttributeCensus:
+        """The census of several manifests' `attributes` records (a manifest without one adds nothing)."""
+        census = cls()
+        for record in records:
+            for name, entry in record.items():
+                census.annotations[name] += entry["annotations"]
+                for value, count in entry["values"].items():
+                    census.add_value(name, value, count)
+                if entry.get("values_cut"):
+                    census.cut.add(name)
+        return census
+
+    def to_json(self) -> dict:
+        return {name: {"annotations": self.annotations[name], "values": dict(sorted(self.values[name].items())),
+                       "values_cut": name in self.cut}
+                for name in sorted(self.annotations)}
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

@@ -34,7 +34,7 @@ from data_prep.coco_input import (
     to_shard_annotation,
 )
 from data_prep.images import ImageRejected, normalize_image
-from data_prep.manifest import build_manifest, write_manifest
+from data_prep.manifest import AttributeCensus, build_manifest, write_manifest
 from data_prep.report import Report, format_report_table, format_split_table, write_report
 from data_prep.shard_plan import ImageKey, Plan, plan_splits, split_spec
 from data_prep.shard_writer import (
@@ -186,7 +186,8 @@ def _route_annotations(
 
 
 def _write_split(
-    args, split: str, tasks: list[SampleTask], classes: ClassList, workers: Workers, report: Report
+    args, split: str, tasks: list[SampleTask], classes: ClassList, workers: Workers, report: Report,
+    census: AttributeCensus,
 ) -> tuple[ShardWriter, list[int], int]:
     """Normalise and write one split; returns the writer (its shards), the image ids written, annotations."""
     image_ids, num_annotations = [], 0
@@ -211,6 +212,9 @@ def _write_split(
                 report.fix_image(image, fix, result.image_detail)
             writer.write(f"{image.image_id:012d}", [("jpg", result.jpeg), ("json", result.sample_json)])
             report.count_written(result.num_annotations)
+            for outcome in result.outcomes:
+                if outcome.annotation is not None and "attributes" in outcome.annotation:
+                    census.add(outcome.annotation["attributes"])
             image_ids.append(image.image_id)
             num_annotations += result.num_annotations
     return writer, image_ids, num_annotations
@@ -234,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     written: dict[str, tuple[list, list[int]]] = {}
     rows = []
+    census = AttributeCensus()
     with Workers(args.num_workers) as workers:
         plan = plan_splits(args, inputs, spec, workers, report)
         annotations, annotations_in = _route_annotations(inputs, plan, report)
@@ -242,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
                                                     key=lambda annotation: annotation.annotation_id)),
                                 plan.hashes[image.image_id])
                      for image in images]
-            writer, image_ids, num_annotations = _write_split(args, split, tasks, classes, workers, report)
+            writer, image_ids, num_annotations = _write_split(args, split, tasks, classes, workers, report,
+                                                               census)
             written[split] = (writer.shards, image_ids)
             rows.append((split, len(image_ids), num_annotations, len(writer.shards)))
 
@@ -257,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                  "test_input": coco.spec.is_test} for coco in inputs],
         classes=classes,
         splits=written,
+        attributes=census,
     ))
     print(format_report_table(report_dict))
     print(format_split_table(rows))

@@ -1,8 +1,10 @@
 """Render a synthetic COCO-format product dataset (bottles, boxes, cans, shoes, bags) for detector training.
 
 Each image is a textured background with 1 to 6 products drawn as recognisable, lightly shaded shapes in
-several colours and sizes, some overlapping or cut by the image border. Every image is rendered from its
-own random generator seeded by (seed, image index), so the output is byte-identical for a given seed
+several colours and sizes, some overlapping or cut by the image border. A product's main colour (body, box
+front, shoe upper) is one of the palette's (common/colour_palette.py), and its annotation records that colour's
+name as {"attributes": {"colour": NAME}}; caps, labels, bands and soles take other colours. Every image is
+rendered from its own random generator seeded by (seed, image index), so the output is byte-identical for a given seed
 whatever the worker count (given the same numpy and Pillow builds). Boxes are the tight box of each
 object's drawn pixels, clipped to the image; an occluded object keeps its full-object box, as in COCO,
 and placement never hides more than half of an object. There are no segmentation masks: `area` is the
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.atomic_io import write_json_atomically
+from common.colour_palette import reference_rgb
 
 # Sparse ids, like COCO's, so that the id -> contiguous label mapping downstream is exercised.
 CATEGORIES = [
@@ -36,10 +39,11 @@ CATEGORIES = [
     {"id": 9, "name": "bag", "supercategory": "product"},
 ]
 
-PRODUCT_COLOURS = [
-    (200, 30, 40), (30, 90, 190), (30, 150, 70), (240, 190, 30), (240, 120, 20), (120, 50, 160),
-    (235, 235, 230), (40, 40, 45), (150, 100, 60), (20, 160, 170), (230, 90, 150), (130, 140, 150),
-]
+# A product's main colour is a palette colour, recorded with its name as the annotation's attributes.colour.
+# This order (and the palette's first anchors) keeps the images those of earlier versions, colour for colour.
+PRODUCT_COLOUR_NAMES = ("red", "blue", "green", "yellow", "orange", "purple",
+                        "white", "black", "brown", "cyan", "pink", "grey")
+PRODUCT_COLOURS = [reference_rgb(name) for name in PRODUCT_COLOUR_NAMES]
 ACCENT_COLOURS = [
     (250, 250, 250), (20, 20, 20), (220, 180, 40), (200, 30, 40), (30, 90, 190), (190, 190, 200),
 ]
@@ -61,15 +65,22 @@ def _pick(rng: np.random.Generator, colours: list, exclude: tuple | None = None)
     return _jitter(rng, choices[rng.integers(len(choices))])
 
 
+def _pick_product_colour(rng: np.random.Generator) -> tuple[str, tuple[int, ...]]:
+    """(palette name, jittered colour) of a product's main colour; the same draws as _pick(rng, PRODUCT_COLOURS)."""
+    index = int(rng.integers(len(PRODUCT_COLOURS)))
+    return PRODUCT_COLOUR_NAMES[index], _jitter(rng, PRODUCT_COLOURS[index])
+
+
 def _scale(colour: tuple[int, ...], factor: float) -> tuple[int, ...]:
     return tuple(int(min(255, c * factor)) for c in colour)
 
 
-# ---- products: each draws a silhouette on a transparent canvas of the object's (supersampled) size ----
+# ---- products: each draws a silhouette on a transparent canvas of the object's (supersampled) size and
+# returns the palette name of its main colour ----
 
 
-def _draw_bottle(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> None:
-    body, cap, label = _pick(rng, PRODUCT_COLOURS), _pick(rng, ACCENT_COLOURS), _pick(rng, ACCENT_COLOURS)
+def _draw_bottle(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> str:
+    (colour, body), cap, label = _pick_product_colour(rng), _pick(rng, ACCENT_COLOURS), _pick(rng, ACCENT_COLOURS)
     neck_w = w * rng.uniform(0.3, 0.42)
     neck_x0 = (w - neck_w) / 2
     shoulder_top = h * rng.uniform(0.22, 0.32)
@@ -79,10 +90,11 @@ def _draw_bottle(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Gener
     cap_w = neck_w * 1.15
     draw.rectangle([(w - cap_w) / 2, 0, (w + cap_w) / 2, h * 0.11], fill=cap)
     draw.rectangle([0, h * rng.uniform(0.5, 0.58), w - 1, h * rng.uniform(0.76, 0.84)], fill=label)
+    return colour
 
 
-def _draw_can(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> None:
-    body, band = _pick(rng, PRODUCT_COLOURS), _pick(rng, ACCENT_COLOURS)
+def _draw_can(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> str:
+    (colour, body), band = _pick_product_colour(rng), _pick(rng, ACCENT_COLOURS)
     lid = _jitter(rng, (200, 200, 205), 10)
     rim = w * 0.2
     draw.rectangle([0, rim / 2, w - 1, h - rim / 2], fill=body)
@@ -91,10 +103,11 @@ def _draw_can(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generato
         draw.rectangle([0, top, w - 1, top + h * 0.08], fill=band)
     draw.ellipse([0, 0, w - 1, rim], fill=lid)
     draw.ellipse([w * 0.1, rim * 0.15, w * 0.9, rim * 0.85], outline=_scale(lid, 0.7), width=max(1, w // 30))
+    return colour
 
 
-def _draw_box(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> None:
-    front, accent = _pick(rng, PRODUCT_COLOURS), _pick(rng, ACCENT_COLOURS)
+def _draw_box(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> str:
+    (colour, front), accent = _pick_product_colour(rng), _pick(rng, ACCENT_COLOURS)
     depth = min(w, h) * rng.uniform(0.18, 0.3)
     draw.rectangle([0, depth, w - depth, h - 1], fill=front)
     draw.polygon([(0, depth), (depth, 0), (w - 1, 0), (w - depth, depth)], fill=_scale(front, 1.3))
@@ -108,10 +121,11 @@ def _draw_box(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generato
         r = min(face_w, face_h) * 0.22
         cx, cy = face_w / 2, depth + face_h / 2
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=accent)
+    return colour
 
 
-def _draw_shoe(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> None:
-    upper, sole, laces = _pick(rng, PRODUCT_COLOURS), _pick(rng, ACCENT_COLOURS), _pick(rng, ACCENT_COLOURS)
+def _draw_shoe(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> str:
+    (colour, upper), sole, laces = _pick_product_colour(rng), _pick(rng, ACCENT_COLOURS), _pick(rng, ACCENT_COLOURS)
     sole_top = h * rng.uniform(0.72, 0.8)
     collar = h * rng.uniform(0.0, 0.12)
     draw.polygon(
@@ -125,10 +139,11 @@ def _draw_shoe(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generat
         draw.line([(x, h * (0.36 + 0.04 * i)), (x + w * 0.05, h * (0.46 + 0.04 * i))], fill=laces,
                   width=max(1, int(h * 0.05)))
     draw.rounded_rectangle([0, sole_top, w - 1, h - 1], radius=(h - sole_top) * 0.45, fill=sole)
+    return colour
 
 
-def _draw_bag(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> None:
-    body, accent = _pick(rng, PRODUCT_COLOURS), _pick(rng, ACCENT_COLOURS)
+def _draw_bag(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generator) -> str:
+    (colour, body), accent = _pick_product_colour(rng), _pick(rng, ACCENT_COLOURS)
     body_top = h * rng.uniform(0.3, 0.4)
     taper = w * rng.uniform(0.0, 0.1)
     draw.polygon([(taper, body_top), (w - 1 - taper, body_top), (w - 1, h - 1), (0, h - 1)], fill=body)
@@ -140,6 +155,7 @@ def _draw_bag(draw: ImageDraw.ImageDraw, w: int, h: int, rng: np.random.Generato
         draw.rectangle([taper, body_top, w - 1 - taper, body_top + body_h * 0.25], fill=_scale(body, 0.85))
     else:
         draw.rectangle([w * 0.3, body_top + body_h * 0.4, w * 0.7, body_top + body_h * 0.6], fill=accent)
+    return colour
 
 
 # name -> (drawing function, height/width aspect range, shading across the width)
@@ -168,16 +184,16 @@ def _shade(rgba: np.ndarray, kind: str, rng: np.random.Generator) -> None:
     rgba[..., :3] = np.clip(rgba[..., :3] * light[..., None], 0, 255)
 
 
-def _render_product(name: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
-    """Return the product as an RGBA uint8 array of shape (h, w, 4)."""
+def _render_product(name: str, w: int, h: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Return the product as an RGBA uint8 array of shape (h, w, 4), and the palette name of its main colour."""
     draw_fn, _, shading = PRODUCTS[name]
     canvas = Image.new("RGBA", (w * SUPERSAMPLE, h * SUPERSAMPLE), (0, 0, 0, 0))
-    draw_fn(ImageDraw.Draw(canvas), w * SUPERSAMPLE, h * SUPERSAMPLE, rng)
+    colour = draw_fn(ImageDraw.Draw(canvas), w * SUPERSAMPLE, h * SUPERSAMPLE, rng)
     rgba = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
     _shade(rgba, shading, rng)
     if name in ("shoe", "box") and rng.random() < 0.5:  # face either way
         rgba = rgba[:, ::-1]
-    return rgba.astype(np.uint8)
+    return rgba.astype(np.uint8), colour
 
 
 # ---- backgrounds ----
@@ -242,7 +258,8 @@ def _place(width: int, height: int, w: int, h: int, rng: np.random.Generator) ->
 def render_image(index: int, image_size: int, seed: int, max_aspect: float) -> tuple[bytes, int, int, list]:
     """Render image `index` (0-based) from its own generator; return (JPEG bytes, width, height, objects).
 
-    Each object is (category name, [x, y, w, h]) with the tight box of its drawn pixels, clipped to the image.
+    Each object is (category name, [x, y, w, h], colour name): the tight box of its drawn pixels, clipped to the
+    image, and the palette name of its main colour.
     """
     rng = np.random.default_rng([seed, index])
     long_side, short_side = image_size, max(16, round(image_size / rng.uniform(1.0, max_aspect)))
@@ -255,7 +272,7 @@ def render_image(index: int, image_size: int, seed: int, max_aspect: float) -> t
     for _ in range(rng.integers(1, 7)):
         name = names[rng.integers(len(names))]
         w, h = _product_size(name, min(width, height), rng)
-        rgba = _render_product(name, w, h, rng)
+        rgba, colour = _render_product(name, w, h, rng)
         opaque = rgba[..., 3] >= ALPHA_VISIBLE
         for _ in range(PLACEMENT_TRIES):
             x, y = _place(width, height, w, h, rng)
@@ -278,7 +295,7 @@ def render_image(index: int, image_size: int, seed: int, max_aspect: float) -> t
         rows, cols = np.nonzero(mask)
         box = [x0 + int(cols.min()), y0 + int(rows.min()), int(cols.max() - cols.min()) + 1,
                int(rows.max() - rows.min()) + 1]
-        objects.append((name, box))
+        objects.append((name, box, colour))
     image += rng.normal(0, 3.0, image.shape)  # sensor noise, so that flat areas are not perfectly flat
     pixels = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
@@ -337,10 +354,10 @@ def write_synthetic_coco(
     for index, (width, height, objects) in enumerate(rendered):
         image_id = index + 1
         images.append({"id": image_id, "file_name": _file_name(index), "width": width, "height": height})
-        for name, box in objects:
+        for name, box, colour in objects:
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": CATEGORY_ID[name],
-                "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
+                "bbox": box, "area": box[2] * box[3], "iscrowd": 0, "attributes": {"colour": colour},
             })
     coco = {
         "info": {

@@ -76,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch: the checkpoint in PyTorch; onnxruntime: an exported model, on the CPU in float32")
+    parser.add_argument("--no-colour", dest="colour", action="store_false",
+                        help="do not name each detection's dominant colour")
     args = parser.parse_args(argv)
     if args.backend == "onnxruntime":
         if args.device == "cuda" or args.amp == "bf16":

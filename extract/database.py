@@ -41,16 +41,26 @@ class SchemaVersionError(RuntimeError):
     """The database was written by a newer version of this code."""
 
 
+@dataclass(frozen=True)
+class DetectionAttribute:
+    """A property of one detection beyond its label: kind ("colour"), value ("red") and the share of the object
+    it covers (0..1; None when the kind has no share)."""
+
+    kind: str
+    value: str
+    share: float | None = None
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One attribute found in an image: a class of the model with its score and pixel box (x1, y1, x2, y2)."""
+    """One attribute found in an image: a class of the model with its score and pixel box (x1, y1, x2, y2),
+    and the properties found of it (at most one per kind)."""
 
     name: str
     category_id: int
     score: float
     box: tuple[float, float, float, float]
+    attributes: tuple[DetectionAttribute, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,21 +104,29 @@ _INSERT_EXTRACTION = """
 _INSERT_ATTRIBUTE = """
     INSERT INTO attributes (model_id, image_id, detection_index, name, category_id, score, x1, y1, x2, y2)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_INSERT_DETECTION_ATTRIBUTE = """
+    INSERT INTO detection_attributes (model_id, image_id, detection_index, kind, value, share)
+    VALUES (?, ?, ?, ?, ?, ?)"""
 _UPSERT_SKIPPED = """
     INSERT INTO skipped (source, reason, detail, seen_at) VALUES (?, ?, ?, ?)
     ON CONFLICT (source) DO UPDATE SET reason = excluded.reason, detail = excluded.detail,
                                        seen_at = excluded.seen_at"""
 # "CAST(? AS BIGINT) IS NULL": PostgreSQL cannot infer the type of a bare NULL parameter.
+# The colour of a detection, joined to its row of `attributes a` (NULL columns when it has none).
+_COLOUR_OF_DETECTION = """
+    LEFT JOIN detection_attributes c ON c.model_id = a.model_id AND c.image_id = a.image_id
+        AND c.detection_index = a.detection_index AND c.kind = 'colour'"""
 _ATTRIBUTES_OF_IMAGE = """
     SELECT a.model_id, i.source, i.content_sha256, a.detection_index, a.name, a.category_id, a.score,
-           a.x1, a.y1, a.x2, a.y2
-    FROM attributes a JOIN images i ON i.id = a.image_id
+           a.x1, a.y1, a.x2, a.y2, c.value AS colour, c.share AS colour_share
+    FROM attributes a JOIN images i ON i.id = a.image_id""" + _COLOUR_OF_DETECTION + """
     WHERE (i.source = ? OR i.content_sha256 = ?) AND (CAST(? AS BIGINT) IS NULL OR a.model_id = ?)
     ORDER BY a.model_id, a.detection_index"""
 _IMAGES_WITH_ATTRIBUTE = """
     SELECT i.source, i.content_sha256, a.model_id, MAX(a.score) AS best_score, COUNT(*) AS detections
-    FROM attributes a JOIN images i ON i.id = a.image_id
+    FROM attributes a JOIN images i ON i.id = a.image_id""" + _COLOUR_OF_DETECTION + """
     WHERE a.name = ? AND a.score >= ? AND (CAST(? AS BIGINT) IS NULL OR a.model_id = ?)
+          AND (CAST(? AS TEXT) IS NULL OR c.value = ?)
     GROUP BY i.source, i.content_sha256, a.model_id
     ORDER BY best_score DESC, i.source"""
 _ATTRIBUTE_COUNTS = """
@@ -116,6 +134,11 @@ _ATTRIBUTE_COUNTS = """
            AVG(a.score) AS mean_score
     FROM attributes a WHERE CAST(? AS BIGINT) IS NULL OR a.model_id = ?
     GROUP BY a.model_id, a.name ORDER BY a.model_id, detections DESC, a.name"""
+_COLOUR_COUNTS = """
+    SELECT a.model_id, a.name, c.value AS colour, COUNT(*) AS detections, AVG(c.share) AS mean_share
+    FROM attributes a""" + _COLOUR_OF_DETECTION + """
+    WHERE CAST(? AS BIGINT) IS NULL OR a.model_id = ?
+    GROUP BY a.model_id, a.name, c.value ORDER BY a.model_id, a.name, detections DESC, c.value"""
 _DONE_IMAGES = """
     SELECT i.content_sha256 FROM extractions e JOIN images i ON i.id = e.image_id WHERE e.model_id = ?"""
 
@@ -332,17 +355,29 @@ class AttributesDB:
             [(model_id, image_id, index, d.name, d.category_id, d.score, *d.box)
              for index, d in enumerate(image.detections)],
         )
+        cursor.executemany(
+            _INSERT_DETECTION_ATTRIBUTE.replace("?", self.dialect.placeholder),
+            [(model_id, image_id, index, attribute.kind, attribute.value, attribute.share)
+             for index, d in enumerate(image.detections) for attribute in d.attributes],
+        )
         return 1
 
     # ---- queries -------------------------------------------------------------------------------------------
     def attributes_of_image(self, source_or_sha256: str, model_id: int | None = None) -> list[dict]:
-        """Attribute rows of the image with this source (path or shard key) or content sha256."""
+        """Attribute rows of the image with this source (path or shard key) or content sha256, with each
+        detection's colour and colour_share (None for detections written without)."""
         return self._query(_ATTRIBUTES_OF_IMAGE, (source_or_sha256, source_or_sha256, model_id, model_id))
 
-    def images_with_attribute(self, name: str, min_score: float = 0.0,
-                              model_id: int | None = None) -> list[dict]:
-        """Images where `name` was detected, with the best score and the number of detections of it."""
-        return self._query(_IMAGES_WITH_ATTRIBUTE, (name, min_score, model_id, model_id))
+    def images_with_attribute(self, name: str, min_score: float = 0.0, model_id: int | None = None,
+                              colour: str | None = None) -> list[dict]:
+        """Images where `name` was detected (in `colour`, when given: "red" bottles), with the best score and
+        the number of such detections."""
+        return self._query(_IMAGES_WITH_ATTRIBUTE, (name, min_score, model_id, model_id, colour, colour))
+
+    def colour_counts(self, model_id: int | None = None) -> list[dict]:
+        """Per model, attribute name and colour: detections and the colour's mean share of the object
+        (colour None: detections stored without a colour)."""
+        return self._query(_COLOUR_COUNTS, (model_id, model_id))
 
     def attribute_counts(self, model_id: int | None = None) -> list[dict]:
         """Per model and attribute name: detections, images it appears in, mean score."""

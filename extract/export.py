@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from common.atomic_io import write_atomically
+from common.colour_palette import PALETTE
 from extract.database import file_sha256
 from extract.onnx_backend import INPUT_NAMES, OUTPUT_NAMES, read_serving_metadata, require
 from train.checkpoint import checkpoint_classes, load_model_checkpoint
@@ -63,8 +64,8 @@ class ServingModel(nn.Module):
 def serving_metadata(state: Mapping, checkpoint: Path, model: nn.Module, architecture: str,
                      max_detections: int) -> dict[str, str]:
     """Everything serving needs besides the graph, as ONNX metadata_props (string to string; JSON where
-    structured). One place: an attribute that needs more at serving time (the colour palette) adds its entry
-    here, and extract/onnx_backend.py read_serving_metadata reads them all back."""
+    structured). One place: an attribute that needs more at serving time adds its entry here, and
+    extract/onnx_backend.py read_serving_metadata reads them all back."""
     transform = model.transform
     metrics = {key: _json_number(value) for key, value in (state.get("test_metrics") or {}).items()}
     return {
@@ -81,6 +82,8 @@ def serving_metadata(state: Mapping, checkpoint: Path, model: nn.Module, archite
         "outputs": json.dumps({"boxes": "float32 [N, 4] x1 y1 x2 y2 in input pixels",
                                "labels": "int64 [N], categories[label - 1]", "scores": "float32 [N], best first"}),
         "max_detections": str(max_detections),
+        # what extraction names colours with (extract/colour.py, run on the image and the boxes after the model)
+        "colour_palette": json.dumps(PALETTE),
         "checkpoint_sha256": file_sha256(checkpoint),
         "progress": json.dumps(state.get("progress") or {}),
     }

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data_prep.class_list import ClassList
 from extract.annotate import write_annotated
+from extract.colour import add_colours
 from extract.database import AttributesDB, Detection, ImageExtraction, SkippedImage, open_database
 from extract.detector import Detector, load_detector
 from extract.inputs import InputBatches, Loaded, list_input_files
@@ -49,6 +50,7 @@ class RunOptions:
     annotate_limit: int | None  # annotate inputs with index below this; None: all
     annotate_dir: Path
     amp_dtype: torch.dtype | None
+    colour: bool = True  # name each detection's dominant colour (extract/colour.py)
 
 
 def rank_steps(detector: Detector, batches: Iterable[list[Loaded]], done: set[str], device: torch.device,
@@ -62,6 +64,8 @@ def rank_steps(detector: Detector, batches: Iterable[list[Loaded]], done: set[st
         outputs = predict(detector.model, [item.image for item in wanted], device, options.amp_dtype)
         for item, output in zip(wanted, outputs, strict=True):
             detections = to_detections(output, detector.classes, options)
+            if options.colour:
+                detections = add_colours(item.image, detections, device)
             if item.sha256 not in done:
                 height, width = item.image.shape[-2:]
                 result.extractions.append(ImageExtraction(item.source, item.sha256, int(width), int(height),
@@ -124,7 +128,7 @@ def run_extraction(args: argparse.Namespace, strategy: Strategy) -> Summary | No
     if args.annotate != 0:
         args.annotate_dir.mkdir(parents=True, exist_ok=True)
     options = RunOptions(args.score_threshold, detector.max_detections, args.annotate, args.annotate_dir,
-                         resolve_amp(args.amp, strategy.device))
+                         resolve_amp(args.amp, strategy.device), colour=args.colour)
 
     inputs = _input_kwargs(args)
     dataset = InputBatches(**inputs, batch_size=args.batch_size, rank=strategy.rank,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -81,4 +81,20 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # Per-class test AP, so that a consumer can tell a model's reliable attributes from its guesses.
     2: ["ALTER TABLE models ADD COLUMN test_ap_per_class TEXT"],
+    # Properties of a detection beyond its label, one row per kind: ("colour", "red", share of the object).
+    # Detections written before version 3 have none.
+    3: [
+        """CREATE TABLE detection_attributes (
+            id {id},
+            model_id BIGINT NOT NULL,
+            image_id BIGINT NOT NULL,
+            detection_index INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            value TEXT NOT NULL,
+            share DOUBLE PRECISION,
+            UNIQUE (model_id, image_id, detection_index, kind),
+            FOREIGN KEY (model_id, image_id, detection_index)
+                REFERENCES attributes (model_id, image_id, detection_index))""",
+        "CREATE INDEX detection_attributes_by_value ON detection_attributes (kind, value)",
+    ],
 }

@@ -20,5 +20,7 @@ echo "attribute counts in $RUN/attributes.sqlite:"
 python -m extract query "$RUN/attributes.sqlite" --counts
 echo "test images where a bottle was detected (first rows):"
 python -m extract query "$RUN/attributes.sqlite" --attribute bottle | head -n 4
+echo "test images with a red bottle (first rows):"
+python -m extract query "$RUN/attributes.sqlite" --attribute bottle --colour red | head -n 4
 echo "annotated images: $(ls "$RUN"/annotated/* | tr '\n' ' ')"
 echo "main job done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -15,6 +15,7 @@ from extract.database import (
     SCHEMA_VERSION,
     SQLITE,
     Detection,
+    DetectionAttribute,
     ImageExtraction,
     SchemaVersionError,
     SkippedImage,
@@ -111,13 +112,73 @@ def test_a_version_1_database_opens_migrated_and_its_model_gets_per_class_ap_lat
                         f"test_map, created_at) VALUES ('{file_sha256(checkpoint)}', 'old.pt', 'arch', "
                         """'["bottle", "can"]', 0.3, '2024-01-01T00:00:00+00:00')""")
     with open_database(target) as db:
-        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.schema_version() == SCHEMA_VERSION
         [model] = db.models()
         assert (model["checkpoint_path"], model["test_map"], model["test_ap_per_class"]) == ("old.pt", 0.3, None)
         assert db.class_ap() == []
         assert db.register_model(checkpoint, "arch", ["bottle", "can"], 0.3, PER_CLASS) == model["id"]
     with open_database(target) as db:
         assert db.models()[0]["test_ap_per_class"] == PER_CLASS
+
+
+def coloured(sha: str, colours: list[tuple[str, str, float]]) -> ImageExtraction:
+    """An extraction whose detections are (label, colour, share)."""
+    category = {"bottle": 1, "can": 4}
+    detections = [Detection(label, category[label], 0.9 - 0.1 * index, (1.0, 2.0, 30.0, 40.0),
+                            (DetectionAttribute("colour", colour, share),))
+                  for index, (label, colour, share) in enumerate(colours)]
+    return ImageExtraction(f"photos/{sha}.jpg", sha, 64, 48, detections)
+
+
+def test_colours_are_stored_per_detection_and_red_bottles_are_one_query(target, tmp_path):
+    with open_database(target) as db:
+        model_id = db.register_model(checkpoint_file(tmp_path, b"m"), "arch", ["bottle", "can"], None)
+        db.write_batch(model_id, [
+            coloured("a" * 64, [("bottle", "red", 0.8), ("can", "blue", 0.6)]),
+            coloured("b" * 64, [("bottle", "blue", 0.9), ("can", "red", 0.7)]),
+            coloured("c" * 64, [("can", "red", 0.5), ("bottle", "red", 0.55), ("bottle", "red", 0.95)]),
+        ], [], 0.5, 10)
+        red_bottles = db.images_with_attribute("bottle", colour="red")
+        all_bottles = db.images_with_attribute("bottle")
+        of_image = db.attributes_of_image("a" * 64)
+        counts = db.colour_counts(model_id)
+    assert [(row["source"], row["detections"]) for row in red_bottles] == [
+        ("photos/aaaa" + "a" * 60 + ".jpg", 1), ("photos/cccc" + "c" * 60 + ".jpg", 2)]
+    assert len(all_bottles) == 3
+    assert [(row["name"], row["colour"], row["colour_share"]) for row in of_image] == [
+        ("bottle", "red", 0.8), ("can", "blue", 0.6)]
+    assert [(row["name"], row["colour"], row["detections"]) for row in counts] == [
+        ("bottle", "red", 3), ("bottle", "blue", 1), ("can", "red", 2), ("can", "blue", 1)]
+    assert counts[0]["mean_share"] == pytest.approx((0.8 + 0.55 + 0.95) / 3)
+    rows = raw_execute(target, "SELECT kind, value, share FROM detection_attributes ORDER BY id")
+    assert rows[0] == ("colour", "red", 0.8) and len(rows) == 7
+
+
+def test_a_version_2_database_gains_colours_and_keeps_its_uncoloured_detections(target, tmp_path):
+    """Detections written before colours existed stay, with no colour; new ones get theirs."""
+    dialect = POSTGRESQL if target.startswith("postgresql://") else SQLITE
+    raw_execute(target, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw_execute(target, "INSERT INTO schema_version (version) VALUES (2)")
+    for statement in MIGRATIONS[1] + MIGRATIONS[2]:
+        raw_execute(target, statement.format(id=dialect.id_column))
+    checkpoint = checkpoint_file(tmp_path, b"old")
+    raw_execute(target, "INSERT INTO models (checkpoint_sha256, checkpoint_path, architecture, class_names, "
+                        f"created_at) VALUES ('{file_sha256(checkpoint)}', 'old.pt', 'arch', '[\"bottle\"]', 'x')")
+    raw_execute(target, "INSERT INTO images (content_sha256, source, width, height) VALUES ('old', 'old.jpg', 8, 8)")
+    raw_execute(target, "INSERT INTO extractions (model_id, image_id, score_threshold, max_detections, "
+                        "num_attributes, created_at) VALUES (1, 1, 0.5, 10, 1, 'x')")
+    raw_execute(target, "INSERT INTO attributes (model_id, image_id, detection_index, name, category_id, score, "
+                        "x1, y1, x2, y2) VALUES (1, 1, 0, 'bottle', 1, 0.9, 0, 0, 4, 4)")
+    with open_database(target) as db:
+        assert db.schema_version() == SCHEMA_VERSION == 3
+        model_id = db.register_model(checkpoint, "arch", ["bottle"], None)
+        db.write_batch(model_id, [coloured("n" * 64, [("bottle", "red", 0.7)])], [], 0.5, 10)
+        old = db.attributes_of_image("old.jpg")
+        red_bottles = db.images_with_attribute("bottle", colour="red")
+        counts = db.colour_counts()
+    assert [(row["name"], row["colour"], row["colour_share"]) for row in old] == [("bottle", None, None)]
+    assert [row["source"] for row in red_bottles] == ["photos/" + "n" * 64 + ".jpg"]
+    assert sorted((row["colour"] or "", row["detections"]) for row in counts) == [("", 1), ("red", 1)]
 
 
 def test_improvement_rounds_round_trip(target, tmp_path):

@@ -90,6 +90,8 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
         ("=0.1", "command line: malformed override '=0.1'"),
         ("optim..lr=0.1", "command line: malformed override 'optim..lr=0.1'"),
         ("optim.milestones=[8,", "command line: optim.milestones: cannot parse value '[8,' as YAML"),
+        ("train.ema_decay=1.5", "command line: train.ema_decay: must be <= 1.0, got 1.5"),
+        ("train.patience=-1", "command line: train.patience: must be >= 0, got -1"),
         # fault injection is the tests' business (train/run_checkpoint.py), not a section of the user's config
         ("debug.fail_at_step=1", "command line: unknown key 'debug'"),
     ],
@@ -98,6 +100,16 @@ def test_bad_override_names_key_and_source(override, message):
     with pytest.raises(ValueError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+
+
+def test_patience_without_validation_is_an_error_once_every_source_is_merged(tmp_path):
+    config = tmp_path / "patient.yaml"
+    config.write_text("train:\n  patience: 3\neval:\n  every_epochs: 0\n")
+    with pytest.raises(ValueError, match="train.patience=3 counts validations, but eval.every_epochs=0"):
+        load_config(config)
+    # the command line may mend what the file alone gets wrong
+    assert load_config(config, ["eval.every_epochs=2"]).train.patience == 3
+    assert load_config(config, ["train.patience=null"]).train.patience is None
 
 
 @pytest.mark.parametrize(

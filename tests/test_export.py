@@ -21,6 +21,7 @@ import onnx
 import pytest
 from attributes_helpers import MODEL_NAME, write_checkpoint
 
+from common.colour_palette import PALETTE
 from data_prep.manifest import load_manifest
 from extract.cli import main
 from train.checkpoint import load_checkpoint, save_checkpoint
@@ -31,8 +32,11 @@ BOX_TOLERANCE_PX = 1e-3
 MAX_DETECTIONS = "1000"
 THRESHOLD = "0.2"
 ROWS_SQL = """
-    SELECT i.content_sha256, a.detection_index, a.name, a.category_id, a.score, a.x1, a.y1, a.x2, a.y2
-    FROM attributes a JOIN images i ON i.id = a.image_id ORDER BY i.content_sha256, a.detection_index"""
+    SELECT i.content_sha256, a.detection_index, a.name, c.value, c.share, a.score, a.x1, a.y1, a.x2, a.y2
+    FROM attributes a JOIN images i ON i.id = a.image_id
+    JOIN detection_attributes c ON c.model_id = a.model_id AND c.image_id = a.image_id
+         AND c.detection_index = a.detection_index AND c.kind = 'colour'
+    ORDER BY i.content_sha256, a.detection_index"""
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,8 @@ def test_export_writes_the_class_list_metrics_and_input_in_the_metadata(exported
     assert (image_input["dtype"], image_input["value_range"]) == ("float32", [0, 1])
     assert (image_input["min_size"], image_input["max_size"]) == ([96], 128)  # write_checkpoint's sizes
     assert metadata["max_detections"] == MAX_DETECTIONS
+    assert json.loads(metadata["colour_palette"]) == {name: [list(rgb) for rgb in anchors]
+                                                      for name, anchors in PALETTE.items()}
     assert [node.name for node in proto.graph.input] == ["image", "score_threshold"]
     assert [node.name for node in proto.graph.output] == ["boxes", "labels", "scores"]
     assert sorted(path.name for path in exported.parent.iterdir()) == ["model.onnx"]  # no temporary file left
@@ -99,16 +105,17 @@ def test_onnxruntime_extraction_writes_the_rows_of_torch(exported, checkpoint, s
 
 
 def unmatched_rows(expected: list[tuple], got: list[tuple]) -> list[tuple]:
-    """Rows of `expected` with no row of `got` for the same image and class within the tolerances (order aside:
-    equal scores may come out in either order)."""
+    """Rows of `expected` with no row of `got` for the same image, class and colour within the tolerances (order
+    aside: equal scores may come out in either order)."""
     pool = defaultdict(list)
     for row in got:
-        pool[row[0], row[2]].append(row)
+        pool[row[0], row[2], row[3]].append(row)
     missing = []
     for row in expected:
-        candidates = pool[row[0], row[2]]
-        match = next((other for other in candidates if abs(other[4] - row[4]) <= SCORE_TOLERANCE
-                      and max(abs(a - b) for a, b in zip(other[5:], row[5:], strict=True)) <= BOX_TOLERANCE_PX), None)
+        candidates = pool[row[0], row[2], row[3]]
+        match = next((other for other in candidates if abs(other[4] - row[4]) <= 1e-9
+                      and abs(other[5] - row[5]) <= SCORE_TOLERANCE
+                      and max(abs(a - b) for a, b in zip(other[6:], row[6:], strict=True)) <= BOX_TOLERANCE_PX), None)
         if match is None:
             missing.append(row)
         else:

@@ -21,6 +21,7 @@ import torch
 from attributes_helpers import postgres_schema_url, write_checkpoint
 from PIL import Image
 
+from common.colour_palette import COLOUR_NAMES
 from extract.cli import main
 from extract.run import CRASH_AT_BATCH_ENV
 
@@ -31,8 +32,11 @@ THRESHOLD = "0.2"
 
 DUMP_SQL = """
     SELECT i.content_sha256, i.source, i.width, i.height, a.detection_index, a.name, a.category_id, a.score,
-           a.x1, a.y1, a.x2, a.y2
-    FROM attributes a JOIN images i ON i.id = a.image_id ORDER BY i.content_sha256, a.detection_index"""
+           a.x1, a.y1, a.x2, a.y2, c.value, c.share
+    FROM attributes a JOIN images i ON i.id = a.image_id
+    LEFT JOIN detection_attributes c ON c.model_id = a.model_id AND c.image_id = a.image_id
+        AND c.detection_index = a.detection_index AND c.kind = 'colour'
+    ORDER BY i.content_sha256, a.detection_index"""
 SKIPPED_SQL = "SELECT source, reason FROM skipped ORDER BY source"
 # write_checkpoint's TEST_AP_PER_CLASS as the database stores it: an undefined AP is JSON null.
 STORED_AP_PER_CLASS = {"bottle": {"AP": 0.5, "AP50": 0.75, "gt_boxes": 4},
@@ -114,6 +118,34 @@ def test_folder_run_writes_model_images_and_attributes(folder_run, checkpoint, i
         assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
     assert query(db, "SELECT COUNT(*) FROM extractions") == [(GOOD_IMAGES,)]
     assert_consistent(db)
+
+
+def test_every_detection_has_one_palette_colour_and_colour_queries_find_them(folder_run, capsys):
+    db, _, _ = folder_run
+    colours = query(db, """SELECT a.name, c.kind, c.value, c.share FROM attributes a
+                             LEFT JOIN detection_attributes c ON c.model_id = a.model_id
+                             AND c.image_id = a.image_id AND c.detection_index = a.detection_index""")
+    assert len(colours) == query(db, "SELECT COUNT(*) FROM attributes")[0][0]  # one colour row per detection
+    for _, kind, value, share in colours:
+        assert kind == "colour" and value in COLOUR_NAMES and 0 < share <= 1
+    name, _, colour, _ = colours[0]
+    expected = query(db, """SELECT COUNT(DISTINCT a.image_id) FROM attributes a JOIN detection_attributes c
+                             ON c.model_id = a.model_id AND c.image_id = a.image_id
+                             AND c.detection_index = a.detection_index WHERE a.name = ? AND c.value = ?""",
+                     (name, colour))[0][0]
+    main(["query", str(db), "--attribute", name, "--colour", colour])
+    assert len(capsys.readouterr().out.splitlines()) - 1 == expected > 0
+    main(["query", str(db), "--colours"])
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["model_id", "name", "colour", "detections", "mean_share"]
+    assert sum(int(row[3]) for row in rows[1:]) == len(colours)
+
+
+def test_no_colour_stores_no_colours(checkpoint, image_folder, tmp_path):
+    db = tmp_path / "plain.sqlite"
+    assert extract(checkpoint, db, "--input", str(image_folder), "--annotate", "0", "--no-colour") == 0
+    assert query(db, "SELECT COUNT(*) FROM attributes")[0][0] > 0
+    assert query(db, "SELECT COUNT(*) FROM detection_attributes") == [(0,)]
 
 
 def test_malformed_files_are_skipped_and_reported(folder_run):

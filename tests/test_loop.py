@@ -1,7 +1,8 @@
 """The training loop in process: the single strategy on the CPU, real shards, a tiny stand-in detector.
 
 Accumulation windows, skipped non-finite steps, phase changes with a rebuilt wrapper, the resume round trip,
-and the test metrics the final checkpoint and best.pt record. The torchrun runs are in tests/test_train.py.
+the test metrics the final checkpoint and best.pt record, the weights' EMA and early stopping. The torchrun runs
+are in tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import train.loop
 from data_prep.manifest import manifest_classes
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 from train.config import load_config
+from train.ema import ModelEma
 from train.loop import NonFiniteLossError, Splits, Trainer
 from train.metrics import MetricsLogger
 from train.optim import build_lr_schedule, build_optimizer
@@ -75,8 +77,9 @@ def make_trainer(manifest: Path, run_dir: Path, model: nn.Module, overrides: lis
     optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
     lr_schedule = build_lr_schedule(cfg.optim, optimizer, steps_per_epoch=100, total_steps=100)
     logger = MetricsLogger(run_dir)
+    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_tau) if cfg.train.ema_decay is not None else None
     return Trainer(cfg, strategy, model, optimizer, lr_schedule, None, splits, manifest_classes(manifest), logger,
-                   Progress())
+                   Progress(), ema)
 
 
 @pytest.fixture
@@ -171,15 +174,22 @@ def test_a_phase_change_sets_requires_grad_and_rebuilds_the_wrapper(make, tmp_pa
 
 
 def test_resume_restores_what_the_checkpoint_saved(make, tmp_path):
-    trainer = make(TinyDetector(), ["train.max_steps=3"])
+    overrides = ["train.max_steps=3", "train.ema_decay=0.9", "train.ema_tau=1"]
+    trainer = make(TinyDetector(), overrides)
     trainer.fit()
     model = TinyDetector()
-    fresh = make(model, ["train.max_steps=3"])
-    progress = resume_run(fresh.cfg, fresh.strategy, model, fresh.optimizer, fresh.lr_schedule, None)
+    fresh = make(model, overrides)
+    progress = resume_run(fresh.cfg, fresh.strategy, model, fresh.optimizer, fresh.lr_schedule, None, fresh.ema)
     assert progress == trainer.progress and progress.step == 3
     assert tensor_hash(model.state_dict()) == tensor_hash(trainer.model_without_ddp.state_dict())
     assert tensor_hash(fresh.optimizer.state_dict()) == tensor_hash(trainer.optimizer.state_dict())
     assert fresh.lr_schedule.state_dict() == trainer.lr_schedule.state_dict()
+    assert fresh.ema.updates == trainer.ema.updates == 3
+    assert tensor_hash(fresh.ema.weights) == tensor_hash(trainer.ema.weights) != tensor_hash(model.state_dict())
+    # a run resumed without the option trains on from the trained weights, not from the average
+    plain = make(TinyDetector(), ["train.max_steps=3"])
+    resume_run(plain.cfg, plain.strategy, plain.model_without_ddp, plain.optimizer, plain.lr_schedule, None)
+    assert tensor_hash(plain.model_without_ddp.state_dict()) == tensor_hash(model.state_dict())
 
 
 def weights_ap(weights: dict) -> float:
@@ -195,6 +205,7 @@ def scripted_evaluation(monkeypatch):
     def fake_evaluate(model, loader, classes, strategy, device, out_path, **kwargs):
         split = "val" if out_path.name.startswith("detections_val") else "test"
         calls[split].append(out_path.name)
+        calls.setdefault("weights", []).append(tensor_hash(model.state_dict()))
         if split == "val":
             return {"AP": calls["script"][len(calls["val"]) - 1]}
         return {"AP": weights_ap(model.state_dict())}
@@ -235,3 +246,66 @@ def test_a_best_last_epoch_reuses_the_final_test_metrics(make, tmp_path, scripte
     assert scripted_evaluation["test"] == ["detections_test.json"]  # one test evaluation
     assert best["progress"]["step"] == final["progress"]["step"]
     assert best["test_metrics"] == final["test_metrics"] == {"AP": weights_ap(final["model"])}
+
+
+def test_the_ema_moves_once_per_optimizer_step_and_is_what_is_evaluated_and_saved(make, tmp_path,
+                                                                                   scripted_evaluation):
+    scripted_evaluation["script"] = [0.5]
+    model = TinyDetector(nonfinite_calls={1})  # the first window's second micro-batch: step 1 is skipped
+    trainer = make(model, ["optim.accumulate_steps=2", "train.ema_decay=0.8", "train.ema_tau=0",
+                           "eval.every_epochs=1"])
+    averaged = []
+    real_update = trainer.ema.update
+    trainer.ema.update = lambda module: averaged.append(trainer.progress.step) or real_update(module)
+    trainer.fit()
+    trainer.test_final_and_best()
+    steps = trainer.progress.step
+    assert len(model.calls) > steps > 2
+    assert averaged == list(range(1, steps))  # once per taken optimizer step, before the counter moves on
+    assert trainer.ema.updates == steps - 1
+
+    _, final = latest_valid_checkpoint(tmp_path)
+    best = load_checkpoint(tmp_path / "best.pt")
+    trained = trainer.model_without_ddp.state_dict()
+    assert tensor_hash(final["model"]) == tensor_hash(trainer.ema.weights) != tensor_hash(trained)
+    assert tensor_hash(final["training_model"]) == tensor_hash(trained)  # evaluation gave the model its own back
+    assert final["ema_updates"] == steps - 1 and best["ema_updates"] == steps - 1
+    # validation and test measured the average, and the checkpoints record it as the model
+    assert scripted_evaluation["weights"] == [tensor_hash(final["model"])] * 2
+    assert final["test_metrics"] == best["test_metrics"] == {"AP": weights_ap(final["model"])}
+    assert tensor_hash(best["model"]) == tensor_hash(final["model"])
+
+
+def test_early_stopping_counts_validations_without_a_gain_of_min_delta(make, tmp_path, scripted_evaluation,
+                                                                       capsys):
+    # gains over the last improvement: 0.5 yes; 0.52 no (< 0.05, though best.pt takes it); 0.56 yes; 0.3 no; 0.3 no
+    scripted_evaluation["script"] = [0.5, 0.52, 0.56, 0.3, 0.3, 0.9]
+    overrides = ["train.epochs=6", "eval.every_epochs=1", "train.patience=2", "train.min_delta=0.05"]
+    trainer = make(TinyDetector(), overrides)
+    trainer.fit()
+    assert trainer.progress.epoch == 5 and len(scripted_evaluation["val"]) == 5
+    [stop] = events(tmp_path, "early_stop")
+    assert (stop["epoch"], stop["step"], stop["best_ap"], stop["evals_since_improvement"]) == (
+        5, trainer.progress.step, 0.56, 2)
+    _, last = latest_valid_checkpoint(tmp_path)
+    assert last["progress"]["epoch"] == 5 and last["progress"]["evals_since_improvement"] == 2
+    per_epoch = {state["progress"]["epoch"]: state["progress"] for state in map(
+        load_checkpoint, sorted(tmp_path.glob("checkpoint-*.pt")))}
+    assert [per_epoch[epoch]["evals_since_improvement"] for epoch in range(1, 6)] == [0, 1, 0, 1, 2]
+    assert per_epoch[2]["ap_at_last_improvement"] == 0.5 and per_epoch[2]["best_ap"] == 0.52
+    assert load_checkpoint(tmp_path / "best.pt")["progress"]["epoch"] == 3
+
+    # resumed, the run stays stopped: no step, no validation, no second event
+    model = TinyDetector()
+    resumed = make(model, overrides)
+    resumed.progress = resume_run(resumed.cfg, resumed.strategy, model, resumed.optimizer, resumed.lr_schedule, None)
+    resumed.fit()
+    assert model.calls == [] and len(scripted_evaluation["val"]) == 5 and len(events(tmp_path, "early_stop")) == 1
+    assert "early stopping ended this run at epoch 5" in capsys.readouterr().out
+    # with more patience it trains on: the last epoch improves (0.9) and the run ends at train.epochs
+    patient = make(TinyDetector(), [*overrides, "train.patience=3"])
+    patient.progress = resume_run(patient.cfg, patient.strategy, patient.model_without_ddp, patient.optimizer,
+                                  patient.lr_schedule, None)
+    patient.fit()
+    assert patient.progress.epoch == 6 and patient.progress.evals_since_improvement == 0
+    assert len(events(tmp_path, "early_stop")) == 1

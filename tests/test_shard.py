@@ -8,6 +8,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ def test_every_sample_reads_back_with_its_pixels_and_boxes(tmp_path):
                 assert stored["category_id"] == original["category_id"]
                 assert stored["label"] == label_of[original["category_id"]]
                 assert (stored["iscrowd"], stored["area"]) == (original["iscrowd"], original["area"])
+                assert stored["attributes"] == original["attributes"]  # e.g. {"colour": "red"}, passed through
         seen += entry["image_ids"]
     assert sorted(seen) == sorted(source_images)  # every image once: the splits are disjoint and complete
     report = read_report(out)
@@ -145,7 +147,31 @@ def test_every_sample_reads_back_with_its_pixels_and_boxes(tmp_path):
     assert manifest["inputs"] == [{"annotations": str(annotations), "images": str(images), "test_input": False,
                                    "sha256": hashlib.sha256(annotations.read_bytes()).hexdigest()}]
     assert manifest["arguments"]["splits"] == "train=0.6,val=0.2,test=0.2"
+    colours = Counter(a["attributes"]["colour"] for a in source["annotations"])
+    assert manifest["attributes"] == {"colour": {"annotations": len(source["annotations"]),
+                                                 "values": dict(sorted(colours.items())), "values_cut": False}}
     assert not list(out.glob("*.tmp"))
+
+
+def test_annotation_attributes_that_are_not_an_object_are_dropped_with_the_box_kept(tmp_path):
+    annotations, images = synth_set(tmp_path / "synth", num_images=6)
+    coco = load_coco_json(annotations)
+    coco["annotations"][0]["attributes"] = "red"  # not an object: dropped, the box is kept
+    del coco["annotations"][1]["attributes"]  # none: nothing to carry
+    coco["annotations"][2]["attributes"] = {"colour": "red", "material": "glass", "tags": ["a", "b"]}
+    write_coco_json(annotations, coco)
+    out = tmp_path / "out"
+    manifest = shard_ok(out, spec(annotations, images), splits="train=1.0")
+    stored = {a["id"]: a for _, _, meta in read_split(out / "manifest.json", "train") for a in meta["annotations"]}
+    assert len(stored) == len(coco["annotations"])
+    assert "attributes" not in stored[1] and "attributes" not in stored[2]
+    assert stored[3]["attributes"] == {"colour": "red", "material": "glass", "tags": ["a", "b"]}
+    report = read_report(out)
+    assert report["annotations"]["fixed_by_reason"] == {"attributes_dropped": 1}
+    census = manifest["attributes"]
+    assert census["colour"]["annotations"] == len(coco["annotations"]) - 2
+    assert census["material"] == {"annotations": 1, "values": {"glass": 1}, "values_cut": False}
+    assert census["tags"]["values"] == {'["a", "b"]': 1}
 
 
 def test_shards_are_byte_identical_with_more_workers_and_shuffled_input(tmp_path):

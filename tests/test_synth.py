@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from common.colour_palette import COLOUR_NAMES
 from data_prep.synth import CATEGORIES, write_synthetic_coco
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +142,10 @@ def test_command_line_writes_the_set_and_prints_a_summary(tmp_path):
 
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_every_product_records_its_main_colour_from_the_palette(dataset):
+    coco = json.loads(dataset.read_text())
+    colours = Counter(annotation["attributes"]["colour"] for annotation in coco["annotations"])
+    assert set(colours) == set(COLOUR_NAMES)  # 40 images show all twelve
+    assert all(set(annotation["attributes"]) == {"colour"} for annotation in coco["annotations"])

@@ -20,10 +20,14 @@ from torchvision.models import detection
 from train.checkpoint import latest_valid_checkpoint, load_checkpoint, tensor_hash
 from train.eval_plots import PLOT_NAMES
 from train.main import main as train_main
+from train.model import model_from_checkpoint
 from train.run_checkpoint import KILL_BEFORE_CHECKPOINT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The reference run and the runs compared with it: step checkpoints to resume from, and the weights' EMA, whose
+# decay warms up within the run's 22 steps
+REFERENCE = ["checkpoint.every_steps=3", "train.ema_decay=0.9", "train.ema_tau=4"]
 
 
 def tiny_overrides(manifest: Path, run_dir: Path) -> list[str]:
@@ -53,8 +57,9 @@ def run_training(overrides: list[str], nproc: int = 2, max_restarts: int = 0, ch
 
 
 def final_weights_hash(run_dir: Path) -> str:
+    """The last checkpoint's weights: the deployable ones, and with an EMA the trained ones and its count too."""
     path, state = latest_valid_checkpoint(run_dir)
-    return tensor_hash(state["model"])
+    return tensor_hash([state["model"], state["training_model"], state["ema_updates"]])
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -63,9 +68,9 @@ def records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(small_manifest, module_dir):
-    """The reference: 2 processes, 2 epochs, every artefact written."""
+    """The reference: 2 processes, 2 epochs, with an EMA, every artefact written."""
     run_dir = module_dir / "reference"
-    result = run_training(tiny_overrides(small_manifest, run_dir) + ["checkpoint.every_steps=3"])
+    result = run_training(tiny_overrides(small_manifest, run_dir) + REFERENCE)
     return run_dir, result
 
 
@@ -108,22 +113,58 @@ def test_ddp_run_writes_checkpoints_metrics_and_wandb(uninterrupted_run):
     assert "run directory:" in result.stdout
 
 
-def test_resume_after_a_stop_is_bitwise_identical(uninterrupted_run, small_manifest, tmp_path):
+def test_ddp_run_evaluates_and_deploys_the_ema(uninterrupted_run):
+    run_dir, _ = uninterrupted_run
+    _, state = latest_valid_checkpoint(run_dir)
+    assert state["ema_updates"] == state["progress"]["step"] > 0
+    assert tensor_hash(state["model"]) != tensor_hash(state["training_model"])
+    assert all(value.dtype == torch.float32 for value in state["model"].values() if value.is_floating_point())
+    assert len(set(state["replica_hashes"])) == 1  # every rank holds the same weights and the same EMA
+    # whatever deploys best.pt builds the average, the weights its test metrics measured
+    best = load_checkpoint(run_dir / "best.pt")
+    model, _ = model_from_checkpoint(best, run_dir / "best.pt")
+    assert tensor_hash(model.state_dict()) == tensor_hash(best["model"]) != tensor_hash(best["training_model"])
+
+
+def test_resume_after_a_stop_is_bitwise_identical_ema_included(uninterrupted_run, small_manifest, tmp_path):
     reference_dir, _ = uninterrupted_run
-    overrides = tiny_overrides(small_manifest, tmp_path) + ["checkpoint.every_steps=3"]
+    overrides = tiny_overrides(small_manifest, tmp_path) + REFERENCE
     run_training(overrides + ["train.max_steps=4"])  # stops mid-epoch 0
     assert latest_valid_checkpoint(tmp_path)[1]["progress"]["step"] == 4
     run_training(overrides)
-    assert final_weights_hash(tmp_path) == final_weights_hash(reference_dir)
+    assert final_weights_hash(tmp_path) == final_weights_hash(reference_dir)  # trained weights, EMA and its count
 
 
 def test_killed_worker_is_restarted_and_finishes_identically(uninterrupted_run, small_manifest, tmp_path):
     reference_dir, _ = uninterrupted_run
-    overrides = tiny_overrides(small_manifest, tmp_path) + ["checkpoint.every_steps=3"]
+    overrides = tiny_overrides(small_manifest, tmp_path) + REFERENCE
     # rank 1 dies just before the checkpoint of step 9: steps 7 to 9 are lost and trained again from step 6
     result = run_training(overrides, max_restarts=1, extra_env={KILL_BEFORE_CHECKPOINT_ENV: "1:9"})
     assert "resumed from" in result.stdout
     assert final_weights_hash(tmp_path) == final_weights_hash(reference_dir)
+
+
+def test_early_stopping_stops_every_rank_together(small_manifest, tmp_path):
+    """With lr 0 (and BatchNorm frozen) the weights never move, so the validation AP cannot improve after the
+    first validation: patience 1 ends the run after the second, on both ranks, and the test at the end still
+    measures the final weights and best.pt's."""
+    overrides = tiny_overrides(small_manifest, tmp_path) + [
+        "optim.lr=0", "model.frozen_batchnorm=true", "train.epochs=3", "train.patience=1",
+        "model.builder_kwargs.representation_size=64", "model.builder_kwargs.box_batch_size_per_image=64"]  # faster
+    run_training(overrides)
+    logged = records(tmp_path)
+    [stop] = [r for r in logged if r.get("event") == "early_stop"]
+    assert (stop["epoch"], stop["evals_since_improvement"], stop["patience"]) == (2, 1, 1)
+    assert [(r["split"], r["epoch"]) for r in logged if r.get("kind") == "eval"] == [
+        ("val", 1), ("val", 2), ("test", 2), ("test", 1)]
+    _, state = latest_valid_checkpoint(tmp_path)
+    assert state["progress"]["epoch"] == 2 and state["test_metrics"] is not None
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["progress"]["epoch"] == 1 and repr(best["test_metrics"]) == repr(state["test_metrics"])  # same weights
+    [wandb_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    dump = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(wandb_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert "event/early_stop/evals_since_improvement" in dump.stdout
 
 
 def test_phase_change_under_ddp_keeps_replicas_identical(small_manifest, tmp_path):

@@ -142,6 +142,14 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and activations for the convolutions (tensor cores on GPUs)
     cudnn_benchmark: bool = False  # autotune convolutions per input shape: pays only when shapes repeat
     compile_backbone: bool = False  # torch.compile the backbone in place (state_dict keys unchanged)
+    # An exponential moving average of the weights (train/ema.py), evaluated and saved as the model; None = off.
+    # Its decay warms up as ema_decay * (1 - exp(-optimizer steps / ema_tau)) (Ultralytics); ema_tau 0: no warm-up.
+    ema_decay: float | None = _rule(None, min=0.0, max=1.0)
+    ema_tau: float = _rule(2000.0, min=0.0)
+    # Early stopping: stop after `patience` validations in a row without an AP gain of more than min_delta over
+    # the last gain; None or 0 = off. It needs validation (eval.every_epochs).
+    patience: int | None = _rule(None, min=0)
+    min_delta: float = _rule(0.0, min=0.0)
 
 
 @dataclass(kw_only=True)
@@ -270,10 +278,16 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 
 def _check_across_sections(cfg: Config) -> None:
-    """Rules that tie options of two sections together, checked once on the final config."""
+    """Rules that tie options of two sections together, checked once on the final config (a file may set one
+    half, the command line the other)."""
     if cfg.data.augment != "hflip" and cfg.model.name in FIXED_SIZE_MODELS:
         raise ValueError(f"data.augment: {cfg.data.augment} sizes training images in the reader, but model.name "
                          f"{cfg.model.name} resizes every image to its own fixed size: use data.augment=hflip")
+    if cfg.train.patience and not cfg.eval.every_epochs:
+        raise ValueError(
+            f"train.patience={cfg.train.patience} counts validations, but eval.every_epochs=0 never validates: "
+            "set eval.every_epochs, or leave train.patience null"
+        )
 
 
 def model_config_from_dict(saved: dict[str, Any], source: str) -> ModelConfig:

@@ -1,14 +1,16 @@
 """The training loop: optimizer steps over exact epochs, with phase changes, checkpoints and evaluation between them.
 
-The step itself is `_forward_backward` + `_optimizer_step`; everything else happens at step or epoch boundaries,
-where every rank is at the same place, so collectives (DDP re-wrapping, RNG gathering, evaluation) are safe there.
+The step itself is `_forward_backward` + `_optimizer_step` (and the weights' EMA, train.ema_decay); everything
+else happens at step or epoch boundaries, where every rank is at the same place, so collectives (DDP re-wrapping,
+RNG gathering, evaluation, the early stopping decision from the broadcast validation metrics) are safe there.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from torch import nn
 from data_prep.class_list import ClassList
 from train.checkpoint import best_checkpoint_path, load_checkpoint
 from train.config import Config
+from train.ema import ModelEma
 from train.eval_plots import EvalPlots
 from train.evaluate import evaluate, predict
 from train.freezing import apply_phase, phase_at
@@ -43,7 +46,8 @@ class Splits:
 
 class Trainer:
     """Trains one run from `progress` on: every rank builds one and calls `fit` (then `test_final_and_best`)
-    together, since phase changes, checkpoints and evaluations are collectives."""
+    together, since phase changes, checkpoints and evaluations are collectives. With `ema` (train.ema_decay)
+    the average is what is evaluated and saved as the model; the trained weights go on training."""
 
     def __init__(
         self,
@@ -57,14 +61,16 @@ class Trainer:
         classes: ClassList,
         logger: MetricsLogger,
         progress: Progress,
+        ema: ModelEma | None = None,
     ):
-        self.cfg, self.strategy, self.model_without_ddp = cfg, strategy, model
+        self.cfg, self.strategy, self.model_without_ddp, self.ema = cfg, strategy, model, ema
         self.optimizer, self.lr_schedule, self.scaler = optimizer, lr_schedule, scaler
         self.splits, self.classes, self.logger, self.progress = splits, classes, logger, progress
         self.run_dir = Path(cfg.run_dir)
         self.device = strategy.device
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
-        self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, classes, logger)
+        self.checkpointer = RunCheckpointer(cfg, strategy, model, optimizer, lr_schedule, scaler, classes, logger,
+                                            ema)
         self.model = self._apply_phase(initial=True)
 
     # ---- freezing phases -------------------------------------------------------------------------------------
@@ -106,7 +112,7 @@ class Trainer:
         return {name: value.detach() for name, value in losses.items()}
 
     def _optimizer_step(self) -> bool:
-        """Clip and step; returns False (and skips the update) when the gradients are not finite.
+        """Clip, step and update the EMA; returns False (and skips the update) when the gradients are not finite.
 
         Gradients are already all-reduced here, so every rank sees the same norm and takes the same decision.
         This is the loop's one host sync per step; Faster R-CNN syncs many times per step anyway (NMS, sampling).
@@ -126,6 +132,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.lr_schedule.step()
+            if self.ema is not None:
+                self.ema.update(self.model_without_ddp)  # every rank: the same all-reduced weights, no collective
         return finite
 
     def _after_nonfinite_step(self, finite: bool) -> None:
@@ -145,27 +153,60 @@ class Trainer:
     # ---- the epochs ------------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg, progress = self.cfg, self.progress
+        if self._out_of_patience():  # a resumed run that early stopping had ended: its end is kept
+            if self.strategy.is_main:
+                print(f"early stopping ended this run at epoch {progress.epoch} ({progress.evals_since_improvement} "
+                      f"validations without improvement, train.patience={cfg.train.patience}): nothing to train",
+                      flush=True)
+            return
         meter = IntervalMeter(warmup_steps=cfg.train.throughput_warmup_steps, device=self.device)
         while progress.epoch < cfg.train.epochs:
             if self._reached_max_steps() or not self._train_epoch(meter):
                 self.checkpointer.save(progress)  # train.max_steps stopped the run inside an epoch
                 return
             self._finish_epoch()
+            if self._out_of_patience():
+                self._log_early_stop()
+                return
             if self._reached_max_steps():
                 return
 
     def _finish_epoch(self) -> None:
-        """Next epoch's position and phase, validation (best.pt), and the epoch-end checkpoint."""
+        """Next epoch's position and phase, validation (best.pt, early stopping), and the epoch-end checkpoint."""
         cfg, progress = self.cfg, self.progress
         progress.epoch += 1
         progress.samples_in_epoch = 0
         self.model = self._apply_phase()
         if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
             metrics = self.evaluate(cfg.data.val_split, self.splits.val)
+            self._count_patience(metrics["AP"])
             if metrics["AP"] > progress.best_ap:
                 progress.best_ap = metrics["AP"]
                 self.checkpointer.save(progress, best=True)
         self.checkpointer.save(progress)
+
+    def _count_patience(self, ap: float) -> None:
+        """Early stopping's count. A validation improves when its AP beats the AP of the last improvement by
+        more than train.min_delta (the rule of Keras' and Lightning's EarlyStopping: smaller gains neither reset
+        the count nor move the mark, so a slow creep still counts once it adds up). A NaN AP (no ground truth)
+        never improves. The metrics were broadcast, so every rank counts the same and stops at the same epoch."""
+        progress = self.progress
+        if ap > progress.ap_at_last_improvement + self.cfg.train.min_delta:
+            progress.ap_at_last_improvement, progress.evals_since_improvement = ap, 0
+            return
+        progress.evals_since_improvement += 1
+
+    def _out_of_patience(self) -> bool:
+        patience = self.cfg.train.patience
+        return bool(patience) and self.progress.evals_since_improvement >= patience
+
+    def _log_early_stop(self) -> None:
+        progress, train_cfg = self.progress, self.cfg.train
+        self.logger.log_event(
+            "early_stop", to_wandb=True, step=progress.step, epoch=progress.epoch, best_ap=progress.best_ap,
+            evals_since_improvement=progress.evals_since_improvement, patience=train_cfg.patience,
+            min_delta=train_cfg.min_delta,
+        )
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.progress.step >= self.cfg.train.max_steps
@@ -221,34 +262,40 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, split: str, shards: list[Shard], at: Progress | None = None,
-                 detections_suffix: str = "") -> dict[str, float]:
-        """COCO metrics of the model on `split`, logged at `at` (default: now); rank 0 writes the detections to
+                 detections_suffix: str = "", weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """COCO metrics on `split` of `weights` (default: the deployable weights now, the EMA's with
+        train.ema_decay, else the model's), logged at `at` (default: now); rank 0 writes the detections to
         detections_<split><detections_suffix>.json, and for the test split the figures (train/eval_plots.py)."""
         at = at or self.progress
         eval_cfg = self.cfg.eval
+        if weights is None and self.ema is not None:
+            self.ema.share_rank0_buffers(self.strategy)  # every rank evaluates the same average
+            weights = self.ema.weights
         loader = split_loader(shards, self.cfg.data, self.strategy, training=False, classes=self.classes)
         plots = (EvalPlots(self.run_dir, f"{split}{detections_suffix}", eval_cfg.confusion_score)
                  if split == self.cfg.data.test_split else None)
-        metrics = evaluate(
-            self.model_without_ddp, loader, self.classes, self.strategy, self.device,
-            out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
-            score_threshold=eval_cfg.score_threshold, max_detections=eval_cfg.max_detections, plots=plots,
-        )
-        images_seen = None if at is self.progress else at.images_seen  # None: as of the last training record
-        self.logger.log_eval(at.step, at.epoch, split, metrics, images_seen=images_seen,
-                             plots=plots.paths() if plots else None)
-        if split == self.cfg.data.val_split:
-            self._log_validation_images(shards)
+        with self._weights_loaded(weights):
+            metrics = evaluate(
+                self.model_without_ddp, loader, self.classes, self.strategy, self.device,
+                out_path=self.run_dir / f"detections_{split}{detections_suffix}.json", amp_dtype=self.amp_dtype,
+                score_threshold=eval_cfg.score_threshold, max_detections=eval_cfg.max_detections, plots=plots,
+            )
+            images_seen = None if at is self.progress else at.images_seen  # None: as of the last training record
+            self.logger.log_eval(at.step, at.epoch, split, metrics, images_seen=images_seen,
+                                 plots=plots.paths() if plots else None)
+            if split == self.cfg.data.val_split:
+                self._log_validation_images(shards)
         return metrics
 
     def test_final_and_best(self) -> None:
         """Evaluate the test split and record the metrics in the checkpoint of the weights they measure.
 
-        The final checkpoint (written again now, at the last step) gets the final weights' test metrics. best.pt,
-        when validation in this run wrote one, gets the test metrics of best.pt's weights: when no optimizer step
-        came after it (the last validation was the best) those are the final weights and the metrics are reused;
-        otherwise its weights are evaluated too, logged as a test evaluation at best.pt's step, with detections
-        in detections_<split>_best.json. Extraction reads either file's test_metrics["AP"] as the model's test AP.
+        The final checkpoint (written again now, at the last step) gets the test metrics of its deployable
+        weights (the EMA's with train.ema_decay). best.pt, when validation in this run wrote one, gets the test
+        metrics of best.pt's weights: when no optimizer step came after it (the last validation was the best)
+        those are the final weights and the metrics are reused; otherwise its weights are evaluated too, logged as
+        a test evaluation at best.pt's step, with detections in detections_<split>_best.json. Extraction reads
+        either file's test_metrics["AP"] as the model's test AP.
         """
         split, shards = self.cfg.data.test_split, self.splits.test
         final_metrics = self.evaluate(split, shards)
@@ -261,15 +308,21 @@ class Trainer:
         if best_progress.step == self.progress.step:
             best_metrics = final_metrics
         else:
-            best_metrics = self._evaluate_weights(best["model"], split, shards, at=best_progress)
+            best_metrics = self.evaluate(split, shards, at=best_progress, detections_suffix="_best",
+                                         weights=best["model"])
         self.checkpointer.record_test_metrics(best_path, best, best_metrics)
 
-    def _evaluate_weights(self, weights: dict, split: str, shards: list[Shard], at: Progress) -> dict[str, float]:
-        """Metrics of other weights (an earlier checkpoint's) in this model, which then gets its own back."""
+    @contextmanager
+    def _weights_loaded(self, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """The model holds `weights` (an EMA, an earlier checkpoint's) inside the block and its own, bitwise,
+        after it; None leaves it as it is."""
+        if weights is None:
+            yield
+            return
         own_weights = {name: tensor.clone() for name, tensor in self.model_without_ddp.state_dict().items()}
         self.model_without_ddp.load_state_dict(weights)
         try:
-            return self.evaluate(split, shards, at=at, detections_suffix="_best")
+            yield
         finally:
             self.model_without_ddp.load_state_dict(own_weights)
 

@@ -143,8 +143,8 @@ class MetricsLogger:
     AP50/<class>, gt_boxes/<class>) as a table.
     wandb gets train values as train/<name>, GPU means as gpu/..., eval metrics as eval/<split>/<name>, an
     evaluation's figures as images plots/<file stem> (pr_curves_test, ...), plus "step" and "images_seen", at
-    wandb step `step`; events and string values are not sent. wandb ignores a
-    step lower than one it already has, so steps replayed after a resume appear once there. An evaluation of
+    wandb step `step`; events (except those logged with to_wandb) and string values are not sent. wandb ignores
+    a step lower than one it already has, so steps replayed after a resume appear once there. An evaluation of
     earlier weights (best.pt's test metrics after training) goes out at this process's latest wandb step,
     placed on the charts by its own "step" value.
     With enabled=False (ranks other than 0) every method does nothing and no file is opened.
@@ -212,13 +212,18 @@ class MetricsLogger:
         images = wandb_images({f"plots/{path.stem}": path for path in (plots or {}).values()}, self.wandb_run)
         self._log_wandb(step, images_seen, {**_flatten(f"eval/{split}", metrics), **images})
 
-    def log_event(self, name: str, **fields: Any) -> None:
-        """Something that happened once: a phase change, a skipped non-finite step, a resume."""
+    def log_event(self, name: str, *, to_wandb: bool = False, **fields: Any) -> None:
+        """Something that happened once: a phase change, a skipped non-finite step, a resume. With `to_wandb`
+        (an event worth a mark on the charts: early stopping) its numeric fields go to wandb too, as
+        event/<name>/<field> at its `step` field."""
         if not self.enabled:
             return
         self._write({"kind": "event", "event": name, **fields})
         details = " ".join(f"{key}={_format_number(value)}" for key, value in fields.items())
         self._print(f"[{name}] {details}".rstrip())
+        if to_wandb:
+            values = {key: value for key, value in fields.items() if key != "step"}
+            self._log_wandb(fields["step"], None, _flatten(f"event/{name}", values))
 
     def close(self) -> None:
         if self._file is not None:

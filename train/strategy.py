@@ -95,6 +95,14 @@ class Strategy:
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
 
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+        """Rank src's values copied into every rank's `tensors` (contiguous, on the process group's device),
+        in place."""
+        if self.kind != "ddp":
+            return
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
+
     def raise_if_any_failed(
         self, error: BaseException | None, what: str, error_type: type[Exception] = RuntimeError
     ) -> None:

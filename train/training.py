@@ -1,10 +1,10 @@
 """Training as a library call, `train(cfg, strategy)`: what train/main.py runs, and what the improvement round
 runs in-process under its own strategy.
 
-What happens, in order: the model is built for the manifest's classes and loads its starting weights; the run
-resumes from the newest valid checkpoint in the run directory; the trainer runs the epochs (phase changes,
-checkpoints, validation); the test split is evaluated at the end, and the final checkpoint and best.pt each
-record the test metrics of their own weights.
+What happens, in order: the model is built for the manifest's classes and loads its starting weights (and its
+EMA starts from them, with train.ema_decay); the run resumes from the newest valid checkpoint in the run
+directory; the trainer runs the epochs (phase changes, checkpoints, validation, early stopping); the test split is
+evaluated at the end, and the final checkpoint and best.pt each record the test metrics of their own weights.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from data_prep.manifest import manifest_classes
 from train.config import Config, config_to_dict, save_config
+from train.ema import ModelEma
 from train.freezing import validate_schedule
 from train.gpu_stats import GpuStatsSampler
 from train.loop import Splits, Trainer
@@ -83,6 +84,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     if cfg.train.compile_backbone:
         model.backbone.compile()  # in place: checkpoints keep their keys
     seed_everything(cfg.seed + strategy.rank)  # different RPN/ROI sampling draws per rank
+    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_tau) if cfg.train.ema_decay is not None else None
 
     loader_batch = strategy.loader_batch_size(cfg.data.batch_size)
     global_batch = loader_batch * strategy.world_size * cfg.optim.accumulate_steps
@@ -91,7 +93,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
     lr_schedule = build_lr_schedule(cfg.optim, optimizer, epoch_steps, epoch_steps * cfg.train.epochs)
     scaler = torch.amp.GradScaler(strategy.device.type) if cfg.train.amp == "fp16" else None
-    progress = resume_run(cfg, strategy, model, optimizer, lr_schedule, scaler)
+    progress = resume_run(cfg, strategy, model, optimizer, lr_schedule, scaler, ema)
 
     wandb_run = None
     gpu_stats = GpuStatsSampler()
@@ -107,7 +109,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
         print(f"{strategy}; global batch {global_batch}; {epoch_steps} steps/epoch\n{weights_report}", flush=True)
     logger = MetricsLogger(run_dir, enabled=strategy.is_main, wandb_run=wandb_run, gpu_stats=gpu_stats)
 
-    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, classes, logger, progress)
+    trainer = Trainer(cfg, strategy, model, optimizer, lr_schedule, scaler, splits, classes, logger, progress, ema)
     try:
         trainer.fit()
         if cfg.eval.test_at_end:
