@@ -271,6 +271,10 @@ class Trainer:
         if weights is None and self.ema is not None:
             self.ema.share_rank0_buffers(self.strategy)  # every rank evaluates the same average
             weights = self.ema.weights
+        elif weights is None:
+            # DDP hands rank 0's BatchNorm statistics to the others at the start of a forward, and each rank's
+            # last forward then moved its own: without this, each rank would evaluate slightly different weights
+            self.strategy.broadcast_tensors(list(self.model_without_ddp.buffers()))
         loader = split_loader(shards, self.cfg.data, self.strategy, training=False, classes=self.classes)
         plots = (EvalPlots(self.run_dir, f"{split}{detections_suffix}", eval_cfg.confusion_score)
                  if split == self.cfg.data.test_split else None)
