@@ -4,7 +4,7 @@
 
 On a synthetic set sharded 16 samples a shard (about 18 kB a sample at 320 px):
 1. A window of 2,000 bytes flipped (XOR 0xFF) in the middle of a train shard, then at every `stride` bytes of
-   it: how reading that shard ends (as training reads it) and what verify reports.
+   it: how reading that shard ends (as training reads it) and what verify reports; a training run on the first.
 2. One byte flipped inside the entropy-coded pixel data of one JPEG (mid-way, then at its first byte, which
    shifts every later block's DC value): the image still decodes, damaged; the reader yields it without a word,
    a real training run trains on it, verify and `data.verify_checksums=true` catch it.
@@ -126,6 +126,18 @@ def run_training(manifest: Path, run_dir: Path, *extra: str) -> subprocess.Compl
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1200)
 
 
+def mid_epoch_failure(manifest: Path, work: Path) -> None:
+    """A training run on a set whose first train shard has 2,000 bytes flipped in the middle."""
+    copy = work / "window"
+    shutil.copytree(manifest.parent, copy)
+    record = next(r for r in shard_records(copy / "manifest.json") if r.split == "train")
+    flipped_copy(manifest.parent / record.path.name, record.path, record.bytes // 2 - WINDOW // 2, WINDOW)
+    result = run_training(copy / "manifest.json", work / "run_window")
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    print(f"\ntraining one epoch on it: exit {result.returncode} after {steps[-1] if steps else 'no logged step'}; "
+          f"{result.stderr.strip().splitlines()[-1]}")
+
+
 def silent_damage(manifest: Path, work: Path) -> None:
     copy = work / "pixel"
     shutil.copytree(manifest.parent, copy)
@@ -187,6 +199,7 @@ def main() -> None:
         train_shard = next(r for r in shard_records(manifest) if r.split == "train")
         window_sweep(train_shard, work, args.stride)
         if not args.skip_training:
+            mid_epoch_failure(manifest, work)
             silent_damage(manifest, work)
         timings(manifest, args.repeats)
 
