@@ -25,6 +25,7 @@ from pathlib import Path
 from webdataset.tariterators import base_plus_ext
 
 from data_prep.manifest import load_manifest
+from data_prep.shard import _non_negative_int
 from data_prep.workers import Workers, progress_bar
 
 HASH_CHUNK = 1 << 20
@@ -145,7 +146,7 @@ def verify_shards(records: list[ShardRecord], num_workers: int, show_progress: b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, help="manifest.json of a data_prep output (or of a union)")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num-workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="worker processes that read shards (0: read in this process)")
 
 
