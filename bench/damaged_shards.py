@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import os
 import shutil
@@ -26,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -154,35 +156,35 @@ def silent_damage(manifest: Path, work: Path) -> None:
           f"{checked.stderr.strip().splitlines()[-3:]}")
 
 
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def timings(manifest: Path, repeats: int) -> None:
+    """Each variant once per round, `repeats` rounds: on a shared machine the load then falls on all alike."""
     records = shard_records(manifest)
     megabytes = sum(r.bytes for r in records) / 1e6
-    print(f"\n| check ({len(records)} shards, {megabytes:.1f} MB; median of {repeats}) | seconds | MB/s |\n"
-          "| --- | --- | --- |")
-    for workers in (0, 1, 2):
-        seconds = median_seconds(lambda w=workers: verify_shards(records, w, show_progress=False), repeats)
-        print(f"| data_prep verify, {workers} workers | {seconds:.3f} | {megabytes / seconds:.0f} |")
     shards = [Shard(r.path, r.num_samples) for r in records]
     strategy = Strategy("single", torch.device("cpu"))
-    sink = io.StringIO()
-    for checksums in (False, True):
-        def start_check(checksums=checksums):
-            sys.stdout, saved = sink, sys.stdout
-            try:
-                check_shards(manifest, shards, strategy, checksums=checksums)
-            finally:
-                sys.stdout = saved
-        seconds = median_seconds(start_check, repeats)
-        print(f"| training start-up check, checksums={checksums} | {seconds:.4f} | {megabytes / seconds:.0f} |")
+
+    def start_check(checksums: bool) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            check_shards(manifest, shards, strategy, checksums=checksums)
+
+    variants = {f"data_prep verify, {w} workers": partial(verify_shards, records, w, show_progress=False)
+                for w in (0, 1, 2)}
+    variants.update({f"training start-up check, checksums={c}": partial(start_check, c) for c in (False, True)})
+    seconds = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, function in variants.items():
+            seconds[name].append(timed(function))
+    print(f"\n| check ({len(records)} shards, {megabytes:.1f} MB; median of {repeats}) | seconds | MB/s |\n"
+          "| --- | --- | --- |")
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        print(f"| {name} | {median:.4f} | {megabytes / median:.0f} |")
 
 
 def main() -> None:
