@@ -132,8 +132,9 @@ def segment_samples(segments: list[Segment]) -> Iterator[dict]:
                 yield sample
             read, key = read + 1, sample["__key__"]
         if read < segment.stop:
-            raise ShardReadError(f"{segment.shard.path}: ends after sample {key} ({read} samples; the manifest "
-                                 f"lists {segment.shard.num_samples}): truncated, or a tar header is damaged")
+            after = f"sample {key}" if key else "no sample"
+            raise ShardReadError(f"{segment.shard.path}: ends after {after} ({read} samples; the manifest lists "
+                                 f"{segment.shard.num_samples}): truncated, or a tar header is damaged")
 
 
 def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
