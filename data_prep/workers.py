@@ -76,5 +76,5 @@ class Workers:
             feed.stop()
 
 
-def progress_bar(iterable: Iterable, total: int, description: str) -> tqdm:
-    return tqdm(iterable, total=total, desc=description, unit="img", mininterval=1.0, file=sys.stderr)
+def progress_bar(iterable: Iterable, total: int, description: str, unit: str = "img") -> tqdm:
+    return tqdm(iterable, total=total, desc=description, unit=unit, mininterval=1.0, file=sys.stderr)

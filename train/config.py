@@ -57,6 +57,9 @@ class DataConfig:
     max_size: int = _rule(1333, min=1)  # multiscale: the longer side's cap
     jitter_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # lsj: scale factors, low and high
     crop_size: int = _rule(1024, min=1)  # lsj: the square every training image is cut or padded to
+    # Before the first step every shard's size is checked against the manifest; this also checks its sha256 and
+    # sample count (reads every byte, shared out over the ranks): catches damage that keeps the size.
+    verify_checksums: bool = False
 
     def __post_init__(self) -> None:
         if not self.scales or min(self.scales) < 1:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,20 +100,41 @@ def samples_per_rank(shards: list[Shard], *, rank: int, world_size: int, trainin
 
 
 def iter_raw_samples(path: Path) -> Iterator[dict]:
-    """Undecoded samples ({"__key__", "jpg", "json", ...}) of one shard, in stored order."""
-    with open(path, "rb") as stream:
-        files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
-        yield from wds.tariterators.group_by_keys(files)
+    """Undecoded samples ({"__key__", "jpg", "json", ...}) of one shard, in stored order.
+
+    Python's streaming tar reader takes a damaged member header for the end of the archive, without an error:
+    a sample cut short by it raises ShardReadError here, and a shard that ends early raises in segment_samples.
+    """
+    key = None
+    try:
+        with open(path, "rb") as stream:
+            files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+            for sample in wds.tariterators.group_by_keys(files):
+                key = sample["__key__"]
+                if "jpg" not in sample or "json" not in sample:
+                    members = sorted(name for name in sample if not name.startswith("__"))
+                    raise ShardReadError(f"{path}: sample {key}: has members {members}, not jpg and json: the tar "
+                                         "is damaged there")
+                yield sample
+    except (tarfile.TarError, OSError) as error:  # webdataset appends its stream to the message: drop it
+        where = f"after sample {key}" if key else "at its first sample"
+        raise ShardReadError(f"{path}: unreadable {where}: {str(error.args[0]).split(' @ ')[0]}") from error
 
 
 def segment_samples(segments: list[Segment]) -> Iterator[dict]:
-    """The raw samples of the segments, in order."""
+    """The raw samples of the segments, in order; a shard with fewer samples than the manifest lists raises."""
     for segment in segments:
-        for index, sample in enumerate(iter_raw_samples(segment.shard.path)):
-            if index >= segment.stop:
+        read, key = 0, None
+        for sample in iter_raw_samples(segment.shard.path):
+            if read >= segment.stop:
                 break
-            if index >= segment.start:
+            if read >= segment.start:
                 yield sample
+            read, key = read + 1, sample["__key__"]
+        if read < segment.stop:
+            after = f"sample {key}" if key else "no sample"
+            raise ShardReadError(f"{segment.shard.path}: ends after {after} ({read} samples; the manifest lists "
+                                 f"{segment.shard.num_samples}): truncated, or a tar header is damaged")
 
 
 def _shuffled(samples: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:

@@ -1,10 +1,11 @@
 """Training as a library call, `train(cfg, strategy)`: what train/main.py runs, and what the improvement round
 runs in-process under its own strategy.
 
-What happens, in order: the model is built for the manifest's classes and loads its starting weights (and its
-EMA starts from them, with train.ema_decay); the run resumes from the newest valid checkpoint in the run
-directory; the trainer runs the epochs (phase changes, checkpoints, validation, early stopping); the test split is
-evaluated at the end, and the final checkpoint and best.pt each record the test metrics of their own weights.
+What happens, in order: the shards the run reads are checked against the manifest (train/shard_check.py); the
+model is built for the manifest's classes and loads its starting weights (and its EMA starts from them, with
+train.ema_decay); the run resumes from the newest valid checkpoint in the run directory; the trainer runs the
+epochs (phase changes, checkpoints, validation, early stopping); the test split is evaluated at the end, and the
+final checkpoint and best.pt each record the test metrics of their own weights.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
 from train.readers import reader_sizes_training_images, steps_per_epoch
 from train.run_checkpoint import resume_run
+from train.shard_check import check_shards
 from train.shard_reader import Shard, split_shards
 from train.strategy import Strategy
 from train.wandb_run import finish, resolve_wandb_mode, start_wandb_run
@@ -74,6 +76,8 @@ def train(cfg: Config, strategy: Strategy) -> None:
     run_dir = Path(cfg.run_dir)
     classes = manifest_classes(cfg.data.manifest)
     splits = read_splits(cfg)
+    check_shards(cfg.data.manifest, splits.train + splits.val + splits.test, strategy,
+                 checksums=cfg.data.verify_checksums)
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, weights_report = build_model(cfg.model, classes.num_classes, max_detections=cfg.eval.max_detections,
