@@ -18,6 +18,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train.config import load_config
+from train.shard_check import ShardMismatchError
 from train.strategy import setup_strategy
 from train.training import fetch_weights_once, read_splits, train
 from train.weights import PretrainedWeightsUnavailable, starting_weights
@@ -48,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"weights error: {error}", file=sys.stderr)
         strategy.teardown()  # every rank is here: they all left the same gather with the same error
         return 2
-    train(cfg, strategy)
+    try:
+        train(cfg, strategy)
+    except ShardMismatchError as error:  # found before the first step, and raised on every rank together
+        if strategy.is_main:
+            print(f"data error: {error}", file=sys.stderr)
+        strategy.teardown()
+        return 2
     strategy.teardown()
     return 0
 
