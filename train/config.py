@@ -74,9 +74,8 @@ class BuilderKwargs:
 
     Most apply to the Faster R-CNN family only (train/model.py rejects one the chosen model does not take).
     The cap on detections per image is not one of them: eval.max_detections sets it for every model.
-    `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), and
-    `box_roi_sampling_ratio` the sampling points per bin side of its box RoIAlign (torchvision: 2; 0 = adaptive,
-    ceil(RoI size / 7) as Detectron2 does). The builders take neither: train/model.py sets them on the built model.
+    `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), which its
+    builders do not take as an argument: train/model.py replaces the head instead.
     """
 
     rpn_pre_nms_top_n_train: int | None = _rule(None, min=1)
@@ -90,7 +89,6 @@ class BuilderKwargs:
     box_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
     box_nms_thresh: float | None = _rule(None, min=0.0, max=1.0)
     representation_size: int | None = _rule(None, min=1)
-    box_roi_sampling_ratio: int | None = _rule(None, min=0)
 
     def given(self) -> dict[str, int | float]:
         """The arguments that were set, by name."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from train.checkpoint import checkpoint_classes
 from train.config import EvalConfig, ModelConfig, model_config_from_dict
@@ -67,15 +66,12 @@ def build_model(
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
     builder_kwargs = cfg.builder_kwargs.given()
     representation_size = builder_kwargs.pop("representation_size", None)
-    box_roi_sampling_ratio = builder_kwargs.pop("box_roi_sampling_ratio", None)
     _check_builder_kwargs(name, builder_kwargs)
     model = DETECTION_BUILDERS[name](
         weights=None, weights_backbone=None, num_classes=num_classes, **size_kwargs, **builder_kwargs
     )
     if representation_size is not None:
         resize_box_head(model, name, representation_size, num_classes)
-    if box_roi_sampling_ratio is not None:
-        set_box_roi_sampling_ratio(model, name, box_roi_sampling_ratio)
     if max_detections is not None:
         set_max_detections(model, max_detections)
     if cfg.frozen_batchnorm:
@@ -161,14 +157,3 @@ def resize_box_head(model: nn.Module, name: str, representation_size: int, num_c
         )
     model.roi_heads.box_head = TwoMLPHead(box_head.fc6.in_features, representation_size)
     model.roi_heads.box_predictor = FastRCNNPredictor(representation_size, num_classes)
-
-
-def set_box_roi_sampling_ratio(model: nn.Module, name: str, sampling_ratio: int) -> None:
-    """Sample each 7x7 bin of the R-CNN box head's RoIAlign at `sampling_ratio` x `sampling_ratio` points (0:
-    adaptive). torchvision's 2 gives 4 points per bin; on the CPU RoIAlign's backward pass is a serial scatter
-    over every point and was the largest single cost of a small model's step (docs/benchmarks.md). The
-    weights do not depend on it."""
-    box_roi_pool = getattr(getattr(model, "roi_heads", None), "box_roi_pool", None)
-    if not isinstance(box_roi_pool, MultiScaleRoIAlign):
-        raise ValueError(f"model.builder_kwargs.box_roi_sampling_ratio applies to R-CNN models, not to {name}")
-    box_roi_pool.sampling_ratio = sampling_ratio
