@@ -197,3 +197,48 @@ def test_builder_kwargs_the_model_does_not_take_are_a_config_error() -> None:
     cfg = ModelConfig("retinanet_resnet50_fpn", builder_kwargs=BuilderKwargs(representation_size=128))
     with pytest.raises(ValueError, match="representation_size applies to Faster R-CNN"):
         build_model(cfg, 6)
+
+
+def test_anchor_sizes_replace_the_builders_and_survive_a_checkpoint() -> None:
+    sizes = [[16, 24, 32, 48, 64], [64, 80, 96, 128, 192], [128, 160, 192, 256, 320]]
+    cfg = load_config(None, ["model.name=" + SMALL, "model.min_size=128", "model.max_size=128",
+                             f"model.builder_kwargs.anchor_sizes={sizes}"])
+    model, _ = build_model(cfg.model, 6)
+    state = {"config": config_to_dict(cfg), "model": model.state_dict()}
+    rebuilt, _ = build_model(trained_model_config(state, "run/checkpoint.pt"), 6)
+    rebuilt.load_state_dict(state["model"])
+    for detector in (model, rebuilt):
+        images, _ = detector.eval().transform([torch.rand(3, 128, 128)])
+        features = list(detector.backbone(images.tensors).values())
+        (anchors,) = detector.rpn.anchor_generator(images, features)
+        sides = (anchors[:, 2:] - anchors[:, :2]).prod(1).sqrt()
+        # the first map (stride 32: 4x4 locations of 15 anchors each) starts at 16 px; torchvision's at 32
+        assert sides.min().round() == 16 and sides[: 4 * 4 * 15].max().round() == 64
+        assert sides.max().round() == 320
+
+
+def test_anchor_sizes_must_fit_the_builders_layout() -> None:
+    cfg = load_config(None, ["model.name=" + SMALL, "model.builder_kwargs.anchor_sizes=[[16, 32]]"])
+    with pytest.raises(ValueError, match=r"anchor_sizes: .* needs 3 lists \(one per feature map\) of \[5, 5, 5\]"):
+        build_model(cfg.model, 6)
+    cfg = ModelConfig("ssdlite320_mobilenet_v3_large", builder_kwargs=BuilderKwargs(anchor_sizes=[[16]]))
+    with pytest.raises(ValueError, match="ssdlite320_mobilenet_v3_large has no AnchorGenerator"):
+        build_model(cfg, 6)
+    with pytest.raises(ValueError, match=r"model.builder_kwargs: anchor_sizes must be non-empty lists"):
+        load_config(None, ["model.builder_kwargs.anchor_sizes=[[16], []]"])
+
+
+def test_the_stride16_detector_sees_a_finer_grid_with_smaller_anchors_and_trains() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig("fasterrcnn_mobilenet_v3_large_stride16_fpn", frozen_batchnorm=False,
+                                       min_size=256, max_size=256), 6)
+    images, _ = model.eval().transform([torch.rand(3, 256, 256)])
+    features = model.backbone(images.tensors)
+    assert [f.shape[-1] for f in features.values()] == [16, 8, 8, 4]  # strides 16, 32, 32, 64
+    anchors = model.rpn.anchor_generator(images, list(features.values()))[0]
+    assert (anchors[:, 2:] - anchors[:, :2]).prod(1).sqrt().min().round() == 16
+    losses = model.train()([torch.rand(3, 256, 256)], [{"boxes": torch.tensor([[40.0, 50.0, 60.0, 68.0]]),
+                                                          "labels": torch.tensor([2])}])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    assert model.backbone.fpn.inner_blocks[0][0].weight.grad.abs().sum() > 0  # the stride-16 level learns

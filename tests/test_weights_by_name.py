@@ -26,7 +26,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import train.weights as weights_module
 from train.config import ModelConfig, config_to_dict, load_config
-from train.detectors import DETECTION_BUILDERS
+from train.detectors import DETECTION_BUILDERS, NoTorchvisionWeights, detector_weights_enum
 from train.model import build_model, trained_model_config
 from train.weights import (
     PretrainedWeightsUnavailable,
@@ -105,7 +105,12 @@ BACKBONE_SETTINGS = [("fasterrcnn_resnet50_fpn", "weights_backbone"), ("fcos_res
                      ("fasterrcnn_mobilenet_v3_large_fpn", "weights_backbone")]
 
 
-@pytest.mark.parametrize("setting", [(name, "weights") for name in sorted(DETECTION_BUILDERS)] + BACKBONE_SETTINGS,
+TORCHVISION_DETECTORS = sorted(
+    name for name in DETECTION_BUILDERS if detector_weights_enum(name) is not NoTorchvisionWeights
+)
+
+
+@pytest.mark.parametrize("setting", [(name, "weights") for name in TORCHVISION_DETECTORS] + BACKBONE_SETTINGS,
                          ids="-".join)
 def test_every_model_by_name_is_set_up_as_torchvisions_builder_does(torch_home: Path, setting) -> None:
     # On the meta device (shapes only): the cached files hold data-free tensors, and the builds are instant.
@@ -150,6 +155,24 @@ def test_imagenet_backbone_fills_the_backbone_body(torch_home: Path, tmp_path: P
         assert layout(model) == layout(reference)
         reference_body = reference.backbone.body.state_dict()
         assert all(torch.equal(tensor, reference_body[key]) for key, tensor in body.items())
+
+
+def test_our_stride16_detector_takes_imagenet_backbone_weights_by_name_and_coco_weights_from_a_file_only(
+    torch_home: Path,
+) -> None:
+    torch.manual_seed(3)
+    path = seed_cache(torch_home, MobileNet_V3_Large_Weights.IMAGENET1K_V1, mobilenet_v3_large().state_dict())
+    file = torch.load(path, weights_only=True)
+    name = "fasterrcnn_mobilenet_v3_large_stride16_fpn"
+    model, report = build_model(ModelConfig(name, weights_backbone="IMAGENET1K_V1", min_size=128, max_size=160), 6)
+    body = model.backbone.body.state_dict()
+    assert report.into == "backbone.body" and report.loaded == len(body)
+    assert all(torch.equal(tensor, file[f"features.{key}"]) for key, tensor in body.items())
+    # the same body as torchvision's MobileNet FPN builders, frozen as they freeze it
+    reference = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights_backbone="IMAGENET1K_V1", num_classes=6)
+    assert layout(model.backbone.body) == layout(reference.backbone.body)
+    with pytest.raises(FileNotFoundError, match=f"weights name of {name} .torchvision has no weights for it"):
+        build_model(ModelConfig(name, weights="DEFAULT"), 6)
 
 
 def test_a_detector_file_as_backbone_weights_is_an_error(tmp_path: Path) -> None:

@@ -74,8 +74,9 @@ class BuilderKwargs:
 
     Most apply to the Faster R-CNN family only (train/model.py rejects one the chosen model does not take).
     The cap on detections per image is not one of them: eval.max_detections sets it for every model.
-    `representation_size` is the width of Faster R-CNN's two-layer box head (torchvision: 1024), which its
-    builders do not take as an argument: train/model.py replaces the head instead.
+    `representation_size` (the width of Faster R-CNN's two-layer box head, torchvision: 1024) and `anchor_sizes`
+    are not arguments of every builder (the MobileNet ones fix their anchors): train/model.py replaces the head
+    or the anchor generator after the build instead.
     """
 
     rpn_pre_nms_top_n_train: int | None = _rule(None, min=1)
@@ -89,8 +90,16 @@ class BuilderKwargs:
     box_score_thresh: float | None = _rule(None, min=0.0, max=1.0)
     box_nms_thresh: float | None = _rule(None, min=0.0, max=1.0)
     representation_size: int | None = _rule(None, min=1)
+    # The RPN's (or RetinaNet's, FCOS's) anchor sizes in input pixels, one list per feature map from the finest,
+    # each as long as the builder's (its aspect ratios and head stay): fit them to the objects. None = builder's.
+    anchor_sizes: list[list[int]] | None = None
 
-    def given(self) -> dict[str, int | float]:
+    def __post_init__(self) -> None:
+        if self.anchor_sizes is not None and (
+                not self.anchor_sizes or any(not sizes or min(sizes) < 1 for sizes in self.anchor_sizes)):
+            raise ValueError(f"anchor_sizes must be non-empty lists of sizes >= 1, got {self.anchor_sizes}")
+
+    def given(self) -> dict[str, int | float | list[list[int]]]:
         """The arguments that were set, by name."""
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from train.checkpoint import checkpoint_classes
@@ -66,12 +67,15 @@ def build_model(
         log.info("model %s resizes images to its own fixed size; min_size/max_size do not apply", name)
     builder_kwargs = cfg.builder_kwargs.given()
     representation_size = builder_kwargs.pop("representation_size", None)
+    anchor_sizes = builder_kwargs.pop("anchor_sizes", None)
     _check_builder_kwargs(name, builder_kwargs)
     model = DETECTION_BUILDERS[name](
         weights=None, weights_backbone=None, num_classes=num_classes, **size_kwargs, **builder_kwargs
     )
     if representation_size is not None:
         resize_box_head(model, name, representation_size, num_classes)
+    if anchor_sizes is not None:
+        set_anchor_sizes(model, name, anchor_sizes)
     if max_detections is not None:
         set_max_detections(model, max_detections)
     if cfg.frozen_batchnorm:
@@ -141,6 +145,29 @@ def _check_builder_kwargs(name: str, builder_kwargs: Mapping[str, object]) -> No
             f"model.builder_kwargs.{unknown[0]} does not apply to {name} ({DETECTOR_CLASSES[name].__name__} "
             "does not take it); leave it null for this model"
         )
+
+
+def set_anchor_sizes(model: nn.Module, name: str, anchor_sizes: Sequence[Sequence[int]]) -> None:
+    """Give the model's anchor generator `anchor_sizes` (one list per feature map), keeping its aspect ratios.
+
+    Torchvision's MobileNet Faster R-CNNs put anchors of 32-512 px on every one of their three maps (strides
+    32, 32 and 64), which fits objects under 32 px badly (docs/benchmarks.md, "Anchors"). The number of anchors
+    per location must stay the builder's, so that the head that scores them (and its pretrained weights) fit.
+    """
+    owner = getattr(model, "rpn", model)
+    generator = getattr(owner, "anchor_generator", None)
+    if not isinstance(generator, AnchorGenerator):
+        raise ValueError(f"model.builder_kwargs.anchor_sizes: {name} has no AnchorGenerator to set them on")
+    builder_sizes = [list(sizes) for sizes in generator.sizes]
+    if len(anchor_sizes) != len(builder_sizes) or any(
+        len(ours) != len(theirs) for ours, theirs in zip(anchor_sizes, builder_sizes, strict=False)
+    ):
+        raise ValueError(
+            f"model.builder_kwargs.anchor_sizes: {name} needs {len(builder_sizes)} lists (one per feature map) of "
+            f"{[len(sizes) for sizes in builder_sizes]} sizes, as its builder's {builder_sizes}; got {anchor_sizes}"
+        )
+    aspect_ratios = [tuple(ratios) for ratios in generator.aspect_ratios]
+    owner.anchor_generator = AnchorGenerator(tuple(tuple(sizes) for sizes in anchor_sizes), tuple(aspect_ratios))
 
 
 def resize_box_head(model: nn.Module, name: str, representation_size: int, num_classes: int) -> None:

@@ -17,8 +17,8 @@ class Float32Conv2d(nn.Conv2d):
 def depthwise_convs_in_float32(model: nn.Module) -> int:
     """Make every depthwise Conv2d (one group per input channel) of `model` a Float32Conv2d, with the same
     parameters, names and state dict; returns how many. For bf16 autocast on the CPU: oneDNN's bf16 depthwise
-    kernels ran forward and backward 2-8x slower than float32 ones on AVX-512 BF16 (docs/benchmarks.md),
-    while the dense convolutions and matrix products gain from bf16. MobileNet backbones are mostly these."""
+    kernels ran forward and backward 2-10x slower than float32 ones on AVX-512 BF16 for the shapes of the demo's
+    MobileNet-v3 (docs/benchmarks.md), while its dense convolutions and matrix products gain from bf16."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in parent.named_children():

@@ -30,13 +30,13 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum, detection, get_model_weights, mobilenet_v3_large, resnet50, vgg16
+from torchvision.models import WeightsEnum, detection, mobilenet_v3_large, resnet50, vgg16
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.ssd import _vgg_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from train.config import ModelConfig
-from train.detectors import BODY_BACKBONE_MODELS, DETECTION_BUILDERS
+from train.detectors import BODY_BACKBONE_MODELS, DETECTION_BUILDERS, detector_weights_enum
 
 # Where the class-count dependent tensors live: Faster R-CNN's box predictor, the classification heads of
 # RetinaNet / FCOS / SSD. Only tensors under these prefixes may be skipped for a shape mismatch.
@@ -210,7 +210,7 @@ def _weights_setting(cfg: ModelConfig) -> tuple[type[WeightsEnum], str | Path, s
         )
     builder = DETECTION_BUILDERS[cfg.name]
     if cfg.weights is not None:
-        return get_model_weights(builder), cfg.weights, "model.weights"
+        return detector_weights_enum(cfg.name), cfg.weights, "model.weights"
     if cfg.weights_backbone is None:
         return None
     if cfg.name not in BODY_BACKBONE_MODELS:
@@ -219,7 +219,7 @@ def _weights_setting(cfg: ModelConfig) -> tuple[type[WeightsEnum], str | Path, s
             "use model.weights for it"
         )
     # the enum the builder's weights_backbone parameter takes, e.g. Optional[ResNet50_Weights]
-    annotation = inspect.signature(builder).parameters["weights_backbone"].annotation
+    annotation = inspect.signature(builder, eval_str=True).parameters["weights_backbone"].annotation
     (enum_type,) = [
         arg for arg in typing.get_args(annotation) if isinstance(arg, type) and issubclass(arg, WeightsEnum)
     ]
@@ -228,6 +228,8 @@ def _weights_setting(cfg: ModelConfig) -> tuple[type[WeightsEnum], str | Path, s
 
 def _valid_names(enum_type: type[WeightsEnum]) -> str:
     members = [name for name in enum_type.__members__ if name != "DEFAULT"]
+    if not members:
+        return "torchvision has no weights for it: a local file path"
     full = ", ".join(f"{enum_type.__name__}.{name}" for name in members)
     return f"DEFAULT, {', '.join(members)} or in full {full}; or a local file path"
 
