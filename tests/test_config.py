@@ -238,7 +238,7 @@ def test_every_config_loads_and_round_trips(path, tmp_path):
 
 def test_configs_say_what_the_brief_asks():
     demo = load_config(CONFIGS_DIR / "demo_cpu.yaml")
-    assert demo.model.name == "fasterrcnn_mobilenet_v3_large_320_fpn" and demo.model.weights is None
+    assert demo.model.name == "fasterrcnn_mobilenet_v3_large_stride16_fpn" and demo.model.weights is None
     assert demo.model.frozen_batchnorm is False and demo.freeze.phases == []
     # the recipe that makes the demo detect on 2 CPU cores: a narrow, lightly sampled box head (docs/benchmarks.md)
     assert demo.model.builder_kwargs.representation_size < 1024
