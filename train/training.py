@@ -27,6 +27,7 @@ from train.model import build_model
 from train.optim import build_lr_schedule, build_optimizer, scaled_lr
 from train.precision import depthwise_convs_in_float32
 from train.readers import reader_sizes_training_images, steps_per_epoch
+from train.roi_align import use_sparse_roi_align
 from train.run_checkpoint import resume_run
 from train.shard_check import check_shards
 from train.shard_reader import Shard, split_shards
@@ -87,6 +88,8 @@ def train(cfg: Config, strategy: Strategy) -> None:
     float32_depthwise = 0
     if cfg.train.amp == "bf16" and strategy.device.type == "cpu":
         float32_depthwise = depthwise_convs_in_float32(model)
+    if strategy.device.type == "cpu":
+        use_sparse_roi_align()
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.compile_backbone:
