@@ -92,6 +92,8 @@ def depthwise_layers(rounds: int) -> list[dict]:
             hooks.append(module.register_forward_hook(
                 lambda m, inputs, _: shapes.append((m, tuple(inputs[0].shape)))))
     model.eval()(torch.rand(4, 3, 256, 256).unbind())
+    for hook in hooks:  # or every timed call below would add a shape to the list being walked
+        hook.remove()
     rows = []
     for conv, shape in shapes:
         conv = conv.to(memory_format=torch.channels_last).train()

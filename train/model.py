@@ -151,8 +151,9 @@ def set_anchor_sizes(model: nn.Module, name: str, anchor_sizes: Sequence[Sequenc
     """Give the model's anchor generator `anchor_sizes` (one list per feature map), keeping its aspect ratios.
 
     Torchvision's MobileNet Faster R-CNNs put anchors of 32-512 px on every one of their three maps (strides
-    32, 32 and 64), which fits objects under 32 px badly (docs/benchmarks.md, "Anchors"). The number of anchors
-    per location must stay the builder's, so that the head that scores them (and its pretrained weights) fit.
+    32, 32 and 64), which fits objects under 32 px badly (docs/benchmarks.md, "Feature strides and anchors").
+    The number of anchors per location must stay the builder's, so that the head that scores them (and its
+    pretrained weights) fit.
     """
     owner = getattr(model, "rpn", model)
     generator = getattr(owner, "anchor_generator", None)
