@@ -28,12 +28,9 @@ import torchvision  # noqa: F401  (defines torch.ops.torchvision)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cpu_depthwise_bf16 import coco_batches  # noqa: E402
+from cpu_depthwise_bf16 import build_variant, coco_batches, train_step  # noqa: E402
 from results import append_result  # noqa: E402
 
-from train.config import load_config  # noqa: E402
-from train.model import build_model  # noqa: E402
-from train.precision import depthwise_convs_in_float32  # noqa: E402
 from train.roi_align import roi_align_as_sparse_product, use_sparse_roi_align  # noqa: E402
 
 KERNELS = ("torchvision", "sparse")
@@ -72,25 +69,11 @@ def step_seconds(kernel: str, coco: Path, steps: int) -> list[float]:
     torch.set_num_threads(1)
     if kernel == "sparse":
         use_sparse_roi_align()
-    cfg = load_config(ROOT / "configs/demo_cpu.yaml")
-    torch.manual_seed(0)
-    model, _ = build_model(cfg.model, 6, max_detections=cfg.eval.max_detections)
-    depthwise_convs_in_float32(model)
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    variant = build_variant("bf16, depthwise float32", 6)  # as CPU training runs the main job's model
     batches = coco_batches(coco, 4, seed=0)
-    seconds = []
-    for step in range(steps + 2):
-        images, targets = next(batches)
-        start = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses = model(images, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        if step >= 2:
-            seconds.append(time.process_time() - start)
-    return seconds
+    for _ in range(steps + 2):
+        train_step(variant, *next(batches))
+    return variant["cpu"][2:]
 
 
 def main(argv: list[str] | None = None) -> int:

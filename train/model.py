@@ -167,8 +167,8 @@ def set_anchor_sizes(model: nn.Module, name: str, anchor_sizes: Sequence[Sequenc
             f"model.builder_kwargs.anchor_sizes: {name} needs {len(builder_sizes)} lists (one per feature map) of "
             f"{[len(sizes) for sizes in builder_sizes]} sizes, as its builder's {builder_sizes}; got {anchor_sizes}"
         )
-    aspect_ratios = [tuple(ratios) for ratios in generator.aspect_ratios]
-    owner.anchor_generator = AnchorGenerator(tuple(tuple(sizes) for sizes in anchor_sizes), tuple(aspect_ratios))
+    owner.anchor_generator = AnchorGenerator(tuple(tuple(sizes) for sizes in anchor_sizes),
+                                             tuple(tuple(ratios) for ratios in generator.aspect_ratios))
 
 
 def resize_box_head(model: nn.Module, name: str, representation_size: int, num_classes: int) -> None:

@@ -74,6 +74,13 @@ def read_splits(cfg: Config) -> Splits:
     )
 
 
+def speed_up_cpu_training(model: torch.nn.Module, amp: str) -> int:
+    """What only CPU training does for speed (docs/benchmarks.md): RoIAlign as a sparse product and, under bf16,
+    depthwise convolutions in float32. Returns how many depthwise convolutions were made float32."""
+    use_sparse_roi_align()
+    return depthwise_convs_in_float32(model) if amp == "bf16" else 0
+
+
 def train(cfg: Config, strategy: Strategy) -> None:
     run_dir = Path(cfg.run_dir)
     classes = manifest_classes(cfg.data.manifest)
@@ -85,11 +92,7 @@ def train(cfg: Config, strategy: Strategy) -> None:
     model, weights_report = build_model(cfg.model, classes.num_classes, max_detections=cfg.eval.max_detections,
                                         resize_in_training=not reader_sizes_training_images(cfg.data))
     validate_schedule(model, cfg.freeze.phases)
-    float32_depthwise = 0
-    if cfg.train.amp == "bf16" and strategy.device.type == "cpu":
-        float32_depthwise = depthwise_convs_in_float32(model)
-    if strategy.device.type == "cpu":
-        use_sparse_roi_align()
+    float32_depthwise = speed_up_cpu_training(model, cfg.train.amp) if strategy.device.type == "cpu" else 0
     model.to(strategy.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.compile_backbone:
